@@ -1,0 +1,279 @@
+"""mesh_configs/*.yaml -> MeshConfig: hosts, devices, launcher and a layout per role.
+
+    cfg = load_mesh_config("local-cpu")          # a bare name: the packaged file
+    cfg = load_mesh_config("path/to/mine.yaml")  # or a path
+    cfg.layout("trainer")                         # Layout(("dp_shard", "tp"), (2, 1), "cpu")
+    cfg.gpu_ids("trainer", host=0)                # [] on CPU, e.g. [4, 5, 6, 7] on h100x8
+
+GPU placement: on each host, the generator takes the first GPUs and the trainer the next
+ones, unless `colocate: true`, where both share GPUs 0.. (a 1-GPU host): the generator then
+keeps only `generator.gpu_memory_utilization` of the memory and the trainer uses the rest.
+Reward procs never use a GPU. One proc per GPU.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from lockstep.actors.dist import ROLE_DIM_NAMES, Layout
+
+ROLES = ("generator", "trainer", "reward")
+DEVICES = ("cpu", "cuda")
+LAUNCHERS = ("local", "slurm", "hosts")
+
+
+@dataclass(kw_only=True, slots=True)
+class LauncherConfig:
+    """How procs get onto hosts. Only `local` (this machine) runs today."""
+
+    kind: str = "local"
+    hosts: list[str] = field(default_factory=list)  # kind=hosts: one address per host
+    partition: str | None = None  # kind=slurm
+    account: str | None = None  # kind=slurm
+    time_limit: str | None = None  # kind=slurm, e.g. "04:00:00"
+
+    def __post_init__(self):
+        if self.kind not in LAUNCHERS:
+            raise ValueError(f"kind must be one of {list(LAUNCHERS)}, got {self.kind!r}")
+        if self.hosts and self.kind != "hosts":
+            raise ValueError(f"hosts is only for kind hosts (kind is {self.kind!r})")
+        slurm_fields = [n for n in ("partition", "account", "time_limit") if getattr(self, n) is not None]
+        if slurm_fields and self.kind != "slurm":
+            raise ValueError(f"{', '.join(slurm_fields)} only apply to kind slurm (kind is {self.kind!r})")
+
+
+@dataclass(kw_only=True, slots=True)
+class GridRole:
+    """A dp x tp grid of procs on `hosts` (indices into the mesh's hosts)."""
+
+    dp: int = 1
+    tp: int = 1
+    hosts: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self):
+        _check_positive(dp=self.dp, tp=self.tp)
+        _check_hosts(self.hosts)
+        if self.num_procs % len(self.hosts):
+            raise ValueError(f"dp*tp={self.num_procs} procs do not split evenly over {len(self.hosts)} hosts")
+
+    @property
+    def num_procs(self) -> int:
+        return self.dp * self.tp
+
+
+@dataclass(kw_only=True, slots=True)
+class GeneratorRole(GridRole):
+    """vLLM engines: dp replicas, each tensor-parallel over tp GPUs."""
+
+    # Fraction of each GPU vLLM may take; when set it overrides the run config's
+    # generator.gpu_memory_utilization (it depends on the hardware split, e.g. colocate).
+    gpu_memory_utilization: float | None = None
+
+    def __post_init__(self):
+        GridRole.__post_init__(self)
+        u = self.gpu_memory_utilization
+        if u is not None and not 0.0 < u <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {u}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerRole(GridRole):
+    """TorchTitan: dp is the FSDP shard dim, tp the tensor-parallel dim."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RewardRole:
+    """Reward functions: `procs` CPU procs, rank r scores samples[r::procs]."""
+
+    procs: int = 1
+    hosts: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self):
+        _check_positive(procs=self.procs)
+        _check_hosts(self.hosts)
+        if self.procs % len(self.hosts):
+            raise ValueError(f"procs={self.procs} do not split evenly over {len(self.hosts)} hosts")
+
+    @property
+    def num_procs(self) -> int:
+        return self.procs
+
+
+@dataclass(kw_only=True, slots=True)
+class MeshConfig:
+    """Where every role runs. `gpus` (device cuda) or `procs` (device cpu) is per host."""
+
+    name: str = ""  # filled by the loader from the file name
+    device: str = "cpu"
+    hosts: int = 1
+    gpus: int | None = None  # GPUs per host (device cuda)
+    procs: int | None = None  # max procs per host (device cpu)
+    colocate: bool = False  # generator and trainer share the same GPUs (1-GPU hosts)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    generator: GeneratorRole = field(default_factory=GeneratorRole)
+    trainer: TrainerRole = field(default_factory=TrainerRole)
+    reward: RewardRole = field(default_factory=RewardRole)
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {list(DEVICES)}, got {self.device!r}")
+        _check_positive(hosts=self.hosts)
+        if self.device == "cuda" and (self.gpus is None or self.procs is not None):
+            raise ValueError("device cuda needs gpus (GPUs per host) and no procs")
+        if self.device == "cpu" and (self.procs is None or self.gpus is not None):
+            raise ValueError("device cpu needs procs (procs per host) and no gpus")
+        _check_positive(**({"gpus": self.gpus} if self.device == "cuda" else {"procs": self.procs}))
+        if self.colocate and self.device != "cuda":
+            raise ValueError("colocate shares GPUs; remove it for device cpu")
+        if self.colocate and self.generator.hosts != self.trainer.hosts:
+            raise ValueError("colocate needs generator.hosts == trainer.hosts")
+        if self.launcher.kind == "local" and self.hosts != 1:
+            raise ValueError(f"launcher local runs on this one machine but hosts={self.hosts}; use kind slurm or hosts")
+        if self.launcher.kind == "hosts" and len(self.launcher.hosts) != self.hosts:
+            raise ValueError(f"launcher.hosts lists {len(self.launcher.hosts)} addresses but hosts={self.hosts}")
+        for role in ROLES:
+            bad = [h for h in self.role(role).hosts if h >= self.hosts]
+            if bad:
+                raise ValueError(f"{role}.hosts {bad} out of range: the mesh has hosts 0..{self.hosts - 1}")
+        for host in range(self.hosts):
+            self._check_fits(host)
+
+    def role(self, role: str) -> GeneratorRole | TrainerRole | RewardRole:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; roles are {list(ROLES)}")
+        return getattr(self, role)
+
+    def procs_per_host(self, role: str) -> int:
+        spec = self.role(role)
+        return spec.num_procs // len(spec.hosts)
+
+    def layout(self, role: str) -> Layout:
+        spec = self.role(role)
+        shape = (spec.procs,) if role == "reward" else (spec.dp, spec.tp)
+        device_type = "cpu" if role == "reward" else self.device
+        return Layout(role=role, dim_names=ROLE_DIM_NAMES[role], shape=shape, device_type=device_type)
+
+    def gpu_ids(self, role: str, host: int = 0) -> list[int]:
+        """GPU indices `role` uses on `host` (empty on CPU, for reward, or if the role is elsewhere)."""
+        if self.device != "cuda" or role == "reward" or host not in self.role(role).hosts:
+            return []
+        start = 0
+        if role == "trainer" and not self.colocate and host in self.generator.hosts:
+            start = self.procs_per_host("generator")
+        return list(range(start, start + self.procs_per_host(role)))
+
+    def _check_fits(self, host: int) -> None:
+        on_host = {r: self.procs_per_host(r) for r in ROLES if host in self.role(r).hosts}
+        if self.device == "cpu":
+            if sum(on_host.values()) > self.procs:
+                raise ValueError(f"host {host} runs {_describe(on_host)} = {sum(on_host.values())} procs but procs={self.procs}")
+            return
+        gpu_roles = {r: n for r, n in on_host.items() if r != "reward"}
+        used = max(gpu_roles.values(), default=0) if self.colocate else sum(gpu_roles.values())
+        if used > self.gpus:
+            how = "max" if self.colocate else "sum"
+            raise ValueError(f"host {host} needs {how} of {_describe(gpu_roles)} = {used} GPUs but gpus={self.gpus}")
+
+
+def load_mesh_config(name_or_path: str | Path) -> MeshConfig:
+    """A bare name (e.g. "h100x8") loads the packaged mesh_configs/<name>.yaml; anything else is a path."""
+    text, source, name = _read(str(name_or_path))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"mesh config {source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"mesh config {source}: expected a mapping at the top level, got {type(data).__name__}")
+    if "name" in data:
+        raise ValueError(f"mesh config {source}: 'name' comes from the file name; remove it")
+    try:
+        return _build(MeshConfig, {**data, "name": name}, "")
+    except ValueError as e:
+        raise ValueError(f"mesh config {source}: {e}") from None
+
+
+def available_mesh_configs() -> list[str]:
+    files = resources.files("lockstep.mesh_configs").iterdir()
+    return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
+
+
+def _read(name_or_path: str) -> tuple[str, str, str]:
+    """(yaml text, where it came from for messages, config name)."""
+    if "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")):
+        names = available_mesh_configs()
+        if name_or_path not in names:
+            raise ValueError(f"unknown mesh config {name_or_path!r}; available: {', '.join(names)} (or pass a path to a .yaml file)")
+        text = resources.files("lockstep.mesh_configs").joinpath(f"{name_or_path}.yaml").read_text()
+        return text, repr(name_or_path), name_or_path
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"mesh config file {str(path)!r} not found")
+    return path.read_text(), repr(str(path)), path.stem
+
+
+def _build(cls, data, where: str):
+    """Typed construction of dataclass `cls` from YAML data; errors name the dotted key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'top level'} must be a mapping, got {_show(data)}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ValueError(f"unknown key {_dotted(where, unknown[0])!r}; allowed here: {', '.join(n for n in names if n != 'name')}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _convert(hints[k], v, _dotted(where, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _convert(hint, value, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {_show(value)}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise ValueError(f"{where} must be {hint.__name__}, got {_show(value)}")
+    return float(value) if hint is float else value
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
+
+
+def _check_hosts(hosts: list[int]) -> None:
+    if not hosts or len(set(hosts)) != len(hosts) or min(hosts) < 0:
+        raise ValueError(f"hosts must be distinct host indices >= 0, got {hosts}")
+
+
+def _dotted(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _describe(counts: dict[str, int]) -> str:
+    return " + ".join(f"{role} {n}" for role, n in counts.items()) or "nothing"
+
+
+def _show(value) -> str:
+    return f"{type(value).__name__} {value!r}"
