@@ -1,0 +1,154 @@
+"""One RL step, written against actor handles so tests can pass fakes.
+
+prompts -> generate (policy version k, checked by the generators) -> rewards ->
+advantages -> trainer logprobs of the same tokens -> barrier -> train step ->
+push weights (k+1) -> generators pull (k+1).
+
+A handle is any object with the role's async methods (docs/architecture.md); the
+Monarch meshes are wrapped to look like that in controller/session.py.
+"""
+
+import asyncio
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from lockstep.actors.grpo import assign_advantages
+from lockstep.actors.types import Sample, TrainBatch
+from lockstep.controller import barrier as barrier_mod
+
+
+@dataclass
+class Handles:
+    generators: list[Any]  # one per data-parallel replica: generate, update_weights, version
+    trainer: Any  # logprobs, train_step, push_weights, save, load, version
+    reward: Any  # score(samples) -> list[float], already merged over the reward ranks
+
+
+@dataclass
+class StepResult:
+    metrics: dict
+    samples: list[Sample]
+    policy_version: int  # the version trainer and generators hold after the step
+
+
+@contextmanager
+def _timed(times: dict, phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[f"time/{phase}"] = time.perf_counter() - start
+
+
+def split_evenly(num_items: int, num_parts: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of contiguous chunks whose sizes differ by at most one."""
+    base, extra = divmod(num_items, num_parts)
+    ranges, start = [], 0
+    for part in range(num_parts):
+        end = start + base + (part < extra)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+async def generate(
+    generators: list[Any],
+    prompts: list[str],
+    fields: list[dict],
+    policy_version: int,
+    num_samples: int | None = None,
+    **sampling,
+) -> list[Sample]:
+    """Prompts split across the replicas; prompt_index made global; versions verified."""
+    chunks = [(a, b) for a, b in split_evenly(len(prompts), len(generators)) if b > a]
+    outputs = await asyncio.gather(
+        *(
+            generators[i].generate(prompts[a:b], fields[a:b], policy_version, num_samples, **sampling)
+            for i, (a, b) in enumerate(chunks)
+        )
+    )
+    samples = []
+    for (start, _), chunk in zip(chunks, outputs):
+        for sample in chunk:
+            sample.prompt_index += start  # replicas index their own sub-list
+            if sample.policy_version != policy_version:
+                raise RuntimeError(
+                    f"generator sampled prompt {sample.prompt_index} with policy version "
+                    f"{sample.policy_version}, expected {policy_version}; weights are out of sync"
+                )
+            samples.append(sample)
+    return samples
+
+
+def _reward_metrics(samples: list[Sample]) -> dict:
+    rewards = [s.reward for s in samples]
+    lengths = [len(s.completion_ids) for s in samples]
+    return {
+        "reward/mean": statistics.fmean(rewards),
+        "reward/std": statistics.pstdev(rewards),
+        "reward/max": max(rewards),
+        "completion/len_mean": statistics.fmean(lengths),
+    }
+
+
+async def run_step(
+    handles: Handles,
+    prompts: list[str],
+    fields: list[dict],
+    policy_version: int,
+    *,
+    barrier: str,
+    temperature: float,
+    num_samples: int | None = None,
+    step: int = 0,
+) -> StepResult:
+    """One synchronous on-policy step. Raises before the optimizer on reward or barrier errors."""
+    times: dict[str, float] = {}
+    step_start = time.perf_counter()
+
+    with _timed(times, "generate"):
+        samples = await generate(handles.generators, prompts, fields, policy_version, num_samples)
+    if not samples:
+        raise RuntimeError("the generators returned no samples for this step's prompts")
+
+    with _timed(times, "reward"):
+        rewards = await handles.reward.score(samples)
+        if len(rewards) != len(samples):
+            raise RuntimeError(f"reward mesh returned {len(rewards)} scores for {len(samples)} samples")
+        for sample, reward in zip(samples, rewards):
+            sample.reward = reward
+        assign_advantages(samples)
+
+    report = None
+    if barrier != "off":
+        with _timed(times, "score"):
+            trainer_logprobs = await handles.trainer.logprobs(samples, temperature)
+        report = barrier_mod.check(
+            barrier,
+            [s.logprobs for s in samples],
+            trainer_logprobs,
+            [s.completion_ids for s in samples],
+        )
+
+    with _timed(times, "train"):
+        train_stats = await handles.trainer.train_step(TrainBatch(samples=samples, temperature=temperature))
+
+    new_version = policy_version + 1
+    with _timed(times, "sync"):
+        await handles.trainer.push_weights(new_version)
+        await asyncio.gather(*(g.update_weights(new_version) for g in handles.generators))
+    times["time/step"] = time.perf_counter() - step_start
+
+    num_generated = sum(len(s.completion_ids) for s in samples)
+    metrics = {"step": step, "policy_version": new_version, "num_samples": len(samples)}
+    metrics.update(_reward_metrics(samples))
+    metrics.update({f"train/{k}": float(v) for k, v in train_stats.items()})
+    if report is not None:
+        metrics.update(report.as_metrics())
+    metrics.update(times)
+    metrics["perf/tokens_per_s"] = num_generated / times["time/step"]
+    metrics["perf/generate_tokens_per_s"] = num_generated / max(times["time/generate"], 1e-9)
+    return StepResult(metrics=metrics, samples=samples, policy_version=new_version)

@@ -1,0 +1,85 @@
+"""Fake actors for the loop: plain objects with the real endpoints' async methods.
+
+Every call is appended to a shared `calls` list so tests can check the order of phases.
+"""
+
+import zlib
+
+import torch
+
+from lockstep.actors.types import Sample
+
+
+def fake_logprobs(prompt: str, k: int, length: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(f"{prompt}|{k}".encode()))
+    return -torch.rand(length, generator=g, dtype=torch.float32) * 3  # fp32 [length]
+
+
+class FakeGenerator:
+    def __init__(self, calls: list, name: str = "gen0", num_samples: int = 2, version: int = 0):
+        self.calls, self.name, self.num_samples, self.weights_version = calls, name, num_samples, version
+
+    async def generate(self, prompts, fields, expected_version, n=None, **sampling):
+        self.calls.append((self.name, "generate", len(prompts)))
+        if expected_version != self.weights_version:
+            raise RuntimeError(
+                f"generator holds policy version {self.weights_version}, asked for {expected_version}"
+            )
+        n = n or self.num_samples
+        out = []
+        for i, (prompt, f) in enumerate(zip(prompts, fields)):
+            for k in range(n):
+                completion = str(k)  # sample k answers "k"
+                ids = [ord(c) for c in completion] + [0]
+                out.append(Sample(
+                    prompt_index=i, prompt=prompt, completion=completion,
+                    prompt_ids=[ord(c) for c in prompt], completion_ids=ids,
+                    logprobs=fake_logprobs(prompt, k, len(ids)),
+                    policy_version=self.weights_version, fields=dict(f),
+                ))
+        return out
+
+    async def update_weights(self, version):
+        self.calls.append((self.name, "update_weights", version))
+        self.weights_version = version
+
+    async def version(self):
+        return self.weights_version
+
+
+class FakeTrainer:
+    """Scores like the generator unless `flip` = (sample_index, position) flips one bit."""
+
+    def __init__(self, calls: list, flip: tuple[int, int] | None = None):
+        self.calls, self.flip = calls, flip
+        self.weights_version = 0
+        self.batches = []
+
+    async def logprobs(self, samples, temperature):
+        self.calls.append(("trainer", "logprobs", len(samples)))
+        out = [s.logprobs.clone() for s in samples]
+        if self.flip is not None:
+            i, pos = self.flip
+            out[i].view(torch.int32)[pos] ^= 1  # lowest mantissa bit
+        return out
+
+    async def train_step(self, batch):
+        self.calls.append(("trainer", "train_step", len(batch.samples)))
+        self.batches.append(batch)
+        return {"loss": 0.5, "kl": 0.0, "grad_norm": 1.0, "lr": 1e-3, "num_tokens": 10}
+
+    async def push_weights(self, version):
+        self.calls.append(("trainer", "push_weights", version))
+        self.weights_version = version
+
+    async def version(self):
+        return self.weights_version
+
+
+class FakeReward:
+    def __init__(self, calls: list, runner):
+        self.calls, self.runner = calls, runner
+
+    async def score(self, samples):
+        self.calls.append(("reward", "score", len(samples)))
+        return await self.runner.score(samples)

@@ -1,0 +1,119 @@
+import asyncio
+
+import pytest
+import torch
+
+from fake_actors import FakeGenerator, FakeReward, FakeTrainer
+from lockstep.actors.reward import RewardError, RewardRunner
+from lockstep.controller.barrier import BarrierError
+from lockstep.controller.loop import Handles, run_step, split_evenly
+
+PROMPTS = ["1+1=", "2+2=", "3+4=", "5+0=", "9+9="]
+FIELDS = [{"answer": a} for a in ["2", "4", "7", "5", "18"]]
+
+
+def make(num_generators=2, flip=None, reward=lambda p, c, **f: float(c == "1")):
+    calls = []
+    gens = [FakeGenerator(calls, f"gen{i}") for i in range(num_generators)]
+    trainer = FakeTrainer(calls, flip=flip)
+    handles = Handles(generators=gens, trainer=trainer, reward=FakeReward(calls, RewardRunner([(reward, 1.0)])))
+    return calls, handles
+
+
+def step(handles, version=0, barrier="measure"):
+    return asyncio.run(run_step(handles, PROMPTS, FIELDS, version, barrier=barrier, temperature=1.0))
+
+
+def test_split_evenly_covers_everything():
+    assert split_evenly(5, 2) == [(0, 3), (3, 5)]
+    assert split_evenly(2, 3) == [(0, 1), (1, 2), (2, 2)]
+
+
+def test_phases_run_in_order_and_versions_advance():
+    calls, handles = make()
+    result = step(handles)
+    roles = [(who, what) for who, what, _ in calls]
+    assert roles == [
+        ("gen0", "generate"), ("gen1", "generate"),
+        ("reward", "score"), ("trainer", "logprobs"), ("trainer", "train_step"),
+        ("trainer", "push_weights"), ("gen0", "update_weights"), ("gen1", "update_weights"),
+    ]
+    # 5 prompts over 2 replicas: 3 + 2, and every prompt gets its global index back
+    assert [n for who, what, n in calls if what == "generate"] == [3, 2]
+    assert sorted({s.prompt_index for s in result.samples}) == [0, 1, 2, 3, 4]
+    assert all(PROMPTS[s.prompt_index] == s.prompt for s in result.samples)
+    assert result.policy_version == 1
+    assert all(g.weights_version == 1 for g in handles.generators)
+    # the next step runs at version 1
+    result2 = step(handles, version=1)
+    assert result2.policy_version == 2
+
+
+def test_advantages_are_group_normalized_and_metrics_present():
+    _, handles = make()
+    result = step(handles)
+    batch = handles.trainer.batches[0]
+    for s in batch.samples:  # sample "1" wins its group of 2, sample "0" loses
+        assert s.reward == float(s.completion == "1")
+        assert s.advantage == pytest.approx(1.0 if s.completion == "1" else -1.0, abs=1e-5)
+    m = result.metrics
+    assert m["reward/mean"] == 0.5 and m["barrier/num_differing_tokens"] == 0
+    for phase in ("generate", "reward", "score", "train", "sync", "step"):
+        assert m[f"time/{phase}"] >= 0
+    assert m["train/loss"] == 0.5
+
+
+def test_generator_at_wrong_version_refuses():
+    calls, handles = make()
+    handles.generators[1].weights_version = 3  # a replica missed a sync
+    with pytest.raises(RuntimeError, match="policy version 3, asked for 0"):
+        step(handles)
+    assert not any(what == "train_step" for _, what, _ in calls)
+
+
+def test_stale_sample_version_is_caught_even_if_generator_does_not_check():
+    calls, handles = make(num_generators=1)
+
+    async def lying_generate(prompts, fields, expected_version, n=None, **kw):
+        out = await FakeGenerator(calls, "liar", version=expected_version).generate(prompts, fields, expected_version, n)
+        out[0].policy_version = expected_version - 1
+        return out
+
+    handles.generators[0].generate = lying_generate
+    with pytest.raises(RuntimeError, match="out of sync"):
+        step(handles, version=1)
+
+
+def test_strict_barrier_halts_before_train_step():
+    calls, handles = make(flip=(3, 1))
+    with pytest.raises(BarrierError) as e:
+        step(handles, barrier="strict")
+    assert "sample 3 token 1" in str(e.value)
+    assert not any(what in ("train_step", "push_weights") for _, what, _ in calls)
+    assert handles.trainer.weights_version == 0
+
+
+def test_measure_counts_the_flipped_bit_and_trains():
+    calls, handles = make(flip=(2, 0))
+    result = step(handles, barrier="measure")
+    assert result.metrics["barrier/num_differing_tokens"] == 1
+    assert 0 < result.metrics["barrier/max_abs_diff"] < 1e-6
+    assert any(what == "train_step" for _, what, _ in calls)
+
+
+def test_barrier_off_skips_trainer_scoring():
+    calls, handles = make(flip=(0, 0))
+    result = step(handles, barrier="off")
+    assert not any(what == "logprobs" for _, what, _ in calls)
+    assert "barrier/num_differing_tokens" not in result.metrics
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0", None])
+def test_bad_reward_stops_the_step_before_training(bad):
+    def broken(prompt, completion, **fields):
+        return bad if prompt == "5+0=" else 1.0
+
+    calls, handles = make(reward=broken)
+    with pytest.raises(RewardError, match=r"broken.*'5\+0='"):
+        step(handles)
+    assert not any(what in ("logprobs", "train_step", "push_weights") for _, what, _ in calls)
