@@ -1,0 +1,75 @@
+"""lockstep's command line.
+
+    python controller/main.py --mesh local-cpu [--config FILE] [--steps N] [section.key=value ...]
+    lockstep run --mesh local-cpu [--config FILE] [--steps N] [section.key=value ...]
+
+With no --config it runs the embedded default: the built-in arithmetic task on a tiny
+randomly initialised model, on this machine's CPU.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a script path: drop controller/ from sys.path, so its config.py, data.py, ...
+    # cannot shadow top-level modules of the same name; everything imports as lockstep.*.
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", default="local-cpu", help="mesh config name (mesh_configs/) or YAML path")
+    parser.add_argument("--config", default=None, help="run config YAML (default: the built-in demo)")
+    parser.add_argument("--steps", type=int, default=None, help="number of steps (overrides loop.steps)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. trainer.lr=3e-4")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lockstep.actors.reward import RewardError
+    from lockstep.controller.barrier import BarrierError
+    from lockstep.controller.config import ConfigError, parse_overrides
+    from lockstep.controller.session import Session
+
+    try:
+        overrides = parse_overrides(args.overrides)
+        if args.steps is not None:
+            overrides.setdefault("loop", {})["steps"] = str(args.steps)
+        session = Session(args.config, mesh=args.mesh, **overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with session:
+            print(f"lockstep: mesh {args.mesh}, logs in {session.log_dir} (tensorboard --logdir {session.log_dir})")
+            session.run()
+            last = session.metrics[-1] if session.metrics else {}
+            if "reward/mean" in last:
+                first = session.metrics[0]["reward/mean"]
+                print(f"lockstep: {session.num_steps_done} steps, mean reward {first:.3f} -> {last['reward/mean']:.3f}")
+    except (ValueError, FileNotFoundError, RewardError, BarrierError) as e:
+        if os.environ.get("LOCKSTEP_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)  # LOCKSTEP_DEBUG=1 shows the traceback
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python controller/main.py [run args]"""
+    parser = argparse.ArgumentParser(prog="controller/main.py", description=__doc__.splitlines()[0])
+    _add_run_args(parser)
+    return run(parser.parse_args(argv))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The `lockstep` console command: `lockstep run ...`."""
+    parser = argparse.ArgumentParser(prog="lockstep", description="On-policy RL with bitwise-equal logprobs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_args(commands.add_parser("run", help="train (same as python controller/main.py)"))
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

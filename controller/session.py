@@ -1,0 +1,330 @@
+"""lockstep.Session: the meshes and the loop behind one object, for scripts and notebooks.
+
+    with Session(mesh="local-cpu", loop={"steps": 20}) as s:   # or Session("run.yaml")
+        s.run(5)                     # or s.step() -> metrics dict
+        s.generate("12+7=")          # ad-hoc prompts -> list[Sample]
+        s.set_reward(my_fn)          # swap the reward function (a callable or "pkg.mod:fn")
+        s.metrics                    # history, one dict per step
+
+Every coroutine runs on one event loop owned by a daemon thread, so the same code works
+under a plain script and inside Jupyter, whose own loop is already running.
+"""
+
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import threading
+from typing import Any, Callable
+
+from monarch.actor import ActorError
+from tqdm.auto import tqdm
+
+from lockstep.actors import weight_sync
+from lockstep.actors.reward import RewardConfig, RewardFunctionConfig, merge_strided, pack
+from lockstep.actors.types import Sample
+from lockstep.controller.config import RunConfig, load_config, to_dict
+from lockstep.controller.data import DEFAULT_REWARDS, PromptStream, load_source
+from lockstep.controller.loop import Handles, generate, run_step
+from lockstep.controller.mesh_config import load_mesh_config
+from lockstep.controller.metrics import MetricsLogger
+from lockstep.models import checkpoint_path
+
+
+class _LoopThread:
+    """One asyncio loop on a daemon thread; `run(coro)` blocks the caller until it finishes."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="lockstep-session", daemon=True)
+        self._thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def _unwrap(e: ActorError) -> BaseException:
+    # The actor's own exception carries the clear message; Monarch's wrapper adds the remote traceback.
+    return e.exception if isinstance(e.exception, Exception) else e
+
+
+class _MeshHandle:
+    """An actor mesh as one object with async methods: every rank gets the call, rank 0 answers."""
+
+    def __init__(self, mesh, name: str):
+        self._mesh, self._name = mesh, name
+
+    def __getattr__(self, endpoint: str) -> Callable:
+        async def call(*args, **kwargs):
+            values = await self._call(endpoint, *args, **kwargs)
+            return values[0]
+
+        return call
+
+    async def _call(self, endpoint: str, *args, **kwargs) -> list:
+        try:
+            result = await getattr(self._mesh, endpoint).call(*args, **kwargs)
+        except ActorError as e:
+            raise _unwrap(e) from e
+        return [v for _, v in sorted(result.items(), key=lambda item: item[0].rank)]
+
+
+class _RewardHandle(_MeshHandle):
+    async def score(self, samples: list[Sample]) -> list[float]:
+        return merge_strided(await self._call("score", samples))
+
+
+def _generator_replicas(mesh, num_replicas: int, tp: int) -> list[_MeshHandle]:
+    """Replica i = procs [i*tp, (i+1)*tp) of the flat generator mesh (rank = dp * tp + tp_index)."""
+    (dim,) = mesh.sizes
+    return [_MeshHandle(mesh.slice(**{dim: slice(i * tp, (i + 1) * tp)}), f"generator[{i}]") for i in range(num_replicas)]
+
+
+def _config_from(config, overrides: dict) -> RunConfig:
+    """config: None (embedded default), a YAML path, a RunConfig or a dict; overrides: sections."""
+    tree: dict = {}
+    for key, value in overrides.items():
+        if "__" in key:  # trainer__lr=1e-3 is trainer.lr
+            section, field = key.split("__", 1)
+            tree.setdefault(section, {})[field] = value
+        elif isinstance(value, dict):
+            tree.setdefault(key, {}).update(value)
+        else:
+            raise ValueError(f"Session({key}=...): pass a section dict (trainer={{'lr': 1e-3}}) or trainer__lr=1e-3")
+    if isinstance(config, RunConfig):
+        base = to_dict(config)
+        for section, values in tree.items():
+            base.setdefault(section, {}).update(values)
+        return load_config(None, base) if tree else config
+    if isinstance(config, dict):
+        return load_config(None, _deep_merge(config, tree))
+    return load_config(config, tree)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class Session:
+    """One RL run: start() spawns the meshes, step()/run() train, stop() tears down."""
+
+    def __init__(self, config=None, mesh: str = "local-cpu", *, echo: bool = True, **overrides):
+        self.config: RunConfig = _config_from(config, overrides)
+        self.mesh_config = load_mesh_config(mesh)
+        self.echo = echo
+        self.policy_version = 0
+        self.num_steps_done = 0
+        self._meshes = None
+        self._handles: Handles | None = None
+        self._reward_handle: _RewardHandle | None = None
+        self._stream: PromptStream | None = None
+        self._logger: MetricsLogger | None = None
+        self._thread: _LoopThread | None = None
+
+    # -- lifecycle --
+
+    @property
+    def started(self) -> bool:
+        return self._handles is not None
+
+    @property
+    def metrics(self) -> list[dict]:
+        return self._logger.history if self._logger else []
+
+    @property
+    def log_dir(self) -> str:
+        return self.config.loop.log_dir
+
+    def start(self) -> "Session":
+        if self.started:
+            return self
+        self._thread = _LoopThread()
+        try:
+            self._run(self._start())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _run(self, coro):
+        if self._thread is None:
+            coro.close()
+            raise RuntimeError("the session is not started; call start() (or use `with Session(...) as s:`)")
+        return self._thread.run(coro)
+
+    def _reward_config(self) -> RewardConfig:
+        if self.config.reward.functions:
+            return self.config.reward
+        default = DEFAULT_REWARDS[self.config.data.source]
+        if not default:
+            raise ValueError(
+                f"data.source={self.config.data.source} has no built-in reward; set reward.functions "
+                "(e.g. reward.functions=my_pkg.rewards:fn) or call set_reward(fn)"
+            )
+        return RewardConfig(functions=[RewardFunctionConfig(fn=default)])
+
+    async def _start(self) -> None:
+        from lockstep.actors.generator import GeneratorActor
+        from lockstep.actors.reward import RewardActor
+        from lockstep.actors.trainer import TrainerActor
+        from lockstep.controller.meshes import Meshes
+
+        cfg = self.config
+        cfg.loop.resolve_dirs()
+        self._stream = PromptStream(load_source(cfg.data), cfg.data.prompts_per_step, cfg.data.seed)
+        reward_cfg = self._reward_config()
+        # Write the tiny checkpoint once here, so every actor loads the same directory.
+        model_cfg = dataclasses.replace(cfg.model, path=str(checkpoint_path(cfg.model)))
+
+        self._meshes = meshes = Meshes(self.mesh_config)
+        trainer = await meshes.spawn_role("trainer", TrainerActor, model_cfg, cfg.trainer, meshes.layout("trainer"))
+        await weight_sync.start_store(await meshes.procs("trainer"))
+        generator = await meshes.spawn_role(
+            "generator", GeneratorActor, model_cfg, cfg.generator, meshes.layout("generator")
+        )
+        reward = await meshes.spawn_role("reward", RewardActor, reward_cfg)
+        gen_role = self.mesh_config.generator
+        self._reward_handle = _RewardHandle(reward, "reward")
+        self._handles = Handles(
+            generators=_generator_replicas(generator, gen_role.dp, gen_role.tp),
+            trainer=_MeshHandle(trainer, "trainer"),
+            reward=self._reward_handle,
+        )
+        await self._sync_generators()
+        self._logger = MetricsLogger(cfg.loop.log_dir, echo=self.echo)
+        with open(os.path.join(cfg.loop.log_dir, "config.json"), "w") as f:
+            json.dump({"config": to_dict(cfg), "mesh": self.mesh_config.name}, f, indent=2)
+
+    async def _sync_generators(self) -> None:
+        """Bring every generator to the trainer's version (after start, load or a failed step)."""
+        handles = self._handles
+        self.policy_version = await handles.trainer.version()
+        versions = await asyncio.gather(*(g.version() for g in handles.generators))
+        if any(v != self.policy_version for v in versions):
+            await handles.trainer.push_weights(self.policy_version)
+            await asyncio.gather(*(g.update_weights(self.policy_version) for g in handles.generators))
+
+    def stop(self) -> None:
+        """Stop every proc mesh; safe to call twice."""
+        if self._thread is None:
+            return
+        try:
+            if self._meshes is not None:
+                self._run(self._stop())
+        finally:
+            self._thread.close()
+            self._thread = None
+            self._handles = None
+            if self._logger:
+                self._logger.close()
+
+    async def _stop(self) -> None:
+        try:
+            await weight_sync.stop_store()
+        except Exception:
+            pass  # the store may never have started; the procs go away below either way
+        meshes, self._meshes = self._meshes, None
+        await meshes.shutdown()
+
+    def __enter__(self) -> "Session":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- training --
+
+    def step(self) -> dict:
+        """One on-policy step; returns its metrics. On error nothing is applied and the session stays usable."""
+        return self._run(self._step())
+
+    async def _step(self) -> dict:
+        cfg = self.config
+        prompts, fields = self._stream.next_batch()
+        try:
+            result = await run_step(
+                self._handles, prompts, fields, self.policy_version,
+                barrier=cfg.loop.barrier, temperature=cfg.generator.temperature,
+                num_samples=cfg.generator.num_samples, step=self.num_steps_done + 1,
+            )
+        except Exception:
+            try:
+                await self._sync_generators()  # e.g. trained but the sync failed: realign versions
+            except Exception:
+                pass  # the step's own error is the one to report
+            raise
+        self.policy_version = result.policy_version
+        self.num_steps_done += 1
+        self._logger.log(self.num_steps_done, result.metrics)
+        return result.metrics
+
+    def run(self, num_steps: int | None = None) -> list[dict]:
+        """`num_steps` steps (default loop.steps), saving every loop.save_every; returns their metrics."""
+        num_steps = self.config.loop.steps if num_steps is None else num_steps
+        save_every = self.config.loop.save_every
+        out = []
+        for _ in tqdm(range(num_steps), desc="steps", unit="step", disable=not self.echo or num_steps < 2):
+            out.append(self.step())
+            if save_every and self.num_steps_done % save_every == 0:
+                self.save()
+        return out
+
+    # -- interactive --
+
+    def generate(self, prompts: str | list[str], n: int = 1, fields: list[dict] | None = None) -> list[Sample]:
+        """Sample `n` completions per prompt with the current policy (not trained on)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        fields = fields or [{} for _ in prompts]
+        return self._run(generate(self._handles.generators, prompts, fields, self.policy_version, n))
+
+    def set_reward(self, fn: Callable | str | list[tuple[Callable | str, float]], weight: float = 1.0) -> None:
+        """Replace the reward: one function (callable or "pkg.mod:fn") or a list of (fn, weight)."""
+        functions = fn if isinstance(fn, list) else [(fn, weight)]
+        if not all(math.isfinite(w) for _, w in functions):
+            raise ValueError("set_reward: weights must be finite numbers")
+        self._run(self._reward_handle._call("set_functions", pack(functions)))
+
+    # -- checkpoints --
+
+    def save(self, path: str | None = None) -> str:
+        """Trainer state (weights, optimizer) plus the controller's (step, version, data position)."""
+        path = os.path.abspath(path or os.path.join(self.config.loop.checkpoint_dir, f"step_{self.num_steps_done:06d}"))
+        os.makedirs(path, exist_ok=True)
+        self._run(self._handles.trainer.save(os.path.join(path, "trainer")))
+        state = {
+            "num_steps_done": self.num_steps_done,
+            "policy_version": self.policy_version,
+            "data": self._stream.state_dict(),
+            "config": to_dict(self.config),
+        }
+        with open(os.path.join(path, "controller.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        return path
+
+    def load(self, path: str) -> None:
+        """Restore a save(): trainer state, then generators pulled to the restored version."""
+        with open(os.path.join(path, "controller.json")) as f:
+            state = json.load(f)
+        self._run(self._load(os.path.abspath(os.path.join(path, "trainer"))))
+        if self.policy_version != state["policy_version"]:
+            raise RuntimeError(
+                f"checkpoint {path}: trainer restored version {self.policy_version} but the controller "
+                f"saved {state['policy_version']}; the checkpoint is inconsistent"
+            )
+        self.num_steps_done = state["num_steps_done"]
+        self._stream.load_state_dict(state["data"])
+
+    async def _load(self, trainer_path: str) -> None:
+        await self._handles.trainer.load(trainer_path)
+        self.policy_version = await self._handles.trainer.version()
+        # Always push: generators may hold a same-numbered version from another history.
+        await self._handles.trainer.push_weights(self.policy_version)
+        await asyncio.gather(*(g.update_weights(self.policy_version) for g in self._handles.generators))

@@ -1,0 +1,73 @@
+import pytest
+
+from lockstep.controller.config import ConfigError, LoopConfig, RunConfig, load_config, parse_overrides
+
+
+def test_default_config_is_the_arithmetic_demo():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.source == "arithmetic" and cfg.model.path == "" and cfg.loop.barrier == "measure"
+
+
+def test_yaml_plus_overrides_are_typed(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "trainer: {lr: 3e-4}\n"  # YAML 1.1 reads 3e-4 as a string; the float field takes it
+        "data: {prompts_per_step: 4}\n"
+        "reward:\n  functions:\n    - {fn: 'lockstep.controller.rewards:arithmetic', weight: 2}\n"
+    )
+    cfg = load_config(str(path), ["trainer.lr=1e-2", "generator.temperature=0.7", "loop.barrier=strict", "loop.steps=3"])
+    assert cfg.trainer.lr == 1e-2 and isinstance(cfg.trainer.lr, float)
+    assert cfg.generator.temperature == 0.7
+    assert cfg.loop.barrier == "strict" and cfg.loop.steps == 3
+    assert cfg.data.prompts_per_step == 4
+    assert cfg.reward.functions[0].fn == "lockstep.controller.rewards:arithmetic"
+    assert cfg.reward.functions[0].weight == 2.0
+
+
+def test_reward_function_from_the_command_line():
+    cfg = load_config(None, ["reward.functions=examples/custom_reward.py:exact_and_short"])
+    assert [f.fn for f in cfg.reward.functions] == ["examples/custom_reward.py:exact_and_short"]
+    assert cfg.reward.functions[0].weight == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["trainer.lrr=1"], r"unknown config key trainer.lrr; valid keys under trainer: lr, "),
+        (["optimiser.lr=1"], r"unknown config key optimiser; valid keys under the top level: model, "),
+        (["trainer.lr=fast"], r"config key trainer.lr='fast': expected a number, e.g. trainer.lr=0.5"),
+        (["loop.steps=2.5"], r"config key loop.steps='2.5': expected an integer"),
+        (["loop.barrier=sometimes"], r"loop.barrier='sometimes' is not one of strict\|measure\|off"),
+        (["data.source=mnist"], r"data.source='mnist' is not one of"),
+        (["lr=3"], r"override 'lr=3': write it as section.key=value"),
+        (["trainer.lr"], r"write it as section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(None, override)
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_yaml_type_names_the_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("loop: {steps: [1, 2]}\n")
+    with pytest.raises(ConfigError, match=r"loop.steps=\[1, 2\]: expected an integer"):
+        load_config(str(path))
+    path.write_text("loop: 3\n")
+    with pytest.raises(ConfigError, match="config key loop must be a mapping of LoopConfig fields"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_parse_overrides_nests_sections():
+    assert parse_overrides(["a.b=1", "a.c=x", "d.e.f=2"]) == {"a": {"b": "1", "c": "x"}, "d": {"e": {"f": "2"}}}
+
+
+def test_loop_dirs_are_filled_at_run_time():
+    loop = LoopConfig()
+    assert loop.log_dir == ""
+    loop.resolve_dirs()
+    assert loop.log_dir.startswith("runs/") and loop.checkpoint_dir == f"{loop.log_dir}/checkpoints"

@@ -1,0 +1,50 @@
+"""controller/main.py as users run it: a script path, in a fresh process."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "controller" / "main.py"
+
+
+def run_main(*args, cwd, timeout=600):
+    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["trainer.lrr=1"], "error: unknown config key trainer.lrr; valid keys under trainer:"),
+        (["loop.barrier=maybe"], "error: loop.barrier='maybe' is not one of strict|measure|off"),
+        (["--config", "nope.yaml"], "error: --config nope.yaml: no such file"),
+        (["--mesh", "tpu-pod"], "error: unknown mesh config 'tpu-pod'; available:"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = run_main(*args, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # exactly one line
+    assert result.stderr.startswith(message)
+
+
+def test_console_entry_has_run_subcommand(capsys):
+    from lockstep.controller.main import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli(["run", "--help"])
+    assert e.value.code == 0
+    assert "--mesh" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_steps_on_local_cpu(tmp_path):
+    result = run_main("--mesh", "local-cpu", "--steps", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "step    1 |" in out and "step    2 |" in out
+    assert "lockstep: 2 steps, mean reward" in out
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and any(p.name.startswith("events.out.tfevents") for p in runs[0].iterdir())
