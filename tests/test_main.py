@@ -23,11 +23,20 @@ def run_main(*args, cwd, timeout=600):
         (["--mesh", "tpu-pod"], "error: unknown mesh config 'tpu-pod'; available:"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    result = run_main(*args, cwd=tmp_path, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # exactly one line
-    assert result.stderr.startswith(message)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    from lockstep.controller.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()]  # exactly one line
+    assert err.startswith(message)
+
+
+def test_script_path_runs_with_the_installed_package(tmp_path):
+    result = run_main("trainer.lr=-1", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: trainer.lr=-1.0: must be > 0"
 
 
 def test_console_entry_has_run_subcommand(capsys):
