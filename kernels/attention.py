@@ -1,0 +1,230 @@
+"""Causal GQA attention over packed sequences (varlen) and over a paged KV cache.
+
+Both go through one routine, `_attend`: a query at absolute position t of its sequence walks
+KV tiles [j*TILE_KV, (j+1)*TILE_KV) aligned to absolute key positions, in increasing j, with
+an fp32 online softmax; a tile with no visible key leaves the state untouched (`where`), and
+keys past the query are zeroed before use (garbage or NaN in a paged cache cannot leak).
+So the output for the query at position t is the same bits in a full prefill, a chunked
+prefill and a one-token decode, whatever the batch and the block order.
+Varlen is the paged case with block size 1: key p of sequence b is row cu_seqlens[b] + p.
+"""
+
+import torch
+from torch import Tensor
+
+from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._math import det_exp, det_log
+from lockstep.kernels._tree import tiled_sum
+
+TILE_KV = 32
+TILE_D = 32  # tile of the q.k dot product over head_dim
+_QUERIES_PER_CHUNK = 128
+
+
+def _attend(q: Tensor, q_seq: Tensor, q_pos: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, scale: float):
+    """The shared core.
+
+    q [T, Hq, D]; q_seq, q_pos int64 [T] (sequence index, absolute position);
+    k_cache, v_cache [NB, BS, Hkv, D]; block_table int [B, MB] (key p of seq b lives at
+    block block_table[b, p // BS], offset p % BS). Returns out [T, Hq, D] (q dtype), lse fp32 [T, Hq].
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(q)
+    lse = torch.empty(num_tokens, num_q_heads, dtype=torch.float32, device=q.device)
+    offsets = torch.arange(TILE_KV, device=q.device)
+    block_table = block_table.long()
+    for c0 in range(0, num_tokens, _QUERIES_PER_CHUNK):
+        c1 = min(c0 + _QUERIES_PER_CHUNK, num_tokens)
+        n = c1 - c0
+        pos, seq = q_pos[c0:c1], q_seq[c0:c1]
+        q_t = q[c0:c1].float().reshape(n, num_kv_heads, group, head_dim).permute(3, 0, 1, 2)[..., None]  # [D, n, Hkv, G, 1]
+        m = torch.full((n, num_kv_heads, group), -torch.inf, device=q.device)
+        l = torch.zeros(n, num_kv_heads, group, device=q.device)
+        acc = torch.zeros(n, num_kv_heads, group, head_dim, device=q.device)
+        for j in range(int(pos.max()) // TILE_KV + 1):
+            key_pos = j * TILE_KV + offsets  # [TILE]
+            visible = key_pos[None, :] <= pos[:, None]  # [n, TILE]
+            col = (key_pos // block_size).clamp(max=block_table.shape[1] - 1)
+            blk = block_table[seq[:, None], col[None, :]].clamp(0, num_blocks - 1)  # [n, TILE]
+            off = (key_pos % block_size)[None, :].expand(n, -1)
+            zero = torch.zeros((), device=q.device)
+            k_t = k_cache[blk, off].float()  # [n, TILE, Hkv, D]; hidden scores are masked below
+            v_t = torch.where(visible[..., None, None], v_cache[blk, off].float(), zero)  # 0 * NaN would leak
+            k_t = k_t.permute(3, 0, 2, 1)[:, :, :, None, :]  # [D, n, Hkv, 1, TILE]
+            s = tiled_sum(q_t * k_t, dim=0, tile=TILE_D) * scale  # [n, Hkv, G, TILE]
+            vis = visible[:, None, None, :]
+            s = torch.where(vis, s, -torch.inf)
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            alpha = det_exp(m - m_new)
+            p = torch.where(vis, det_exp(s - m_new[..., None]), zero)  # [n, Hkv, G, TILE]
+            l_new = l * alpha + tiled_sum(p, dim=-1, tile=TILE_KV)
+            pv = p.permute(3, 0, 1, 2)[..., None] * v_t.permute(1, 0, 2, 3)[:, :, :, None, :]  # [TILE, n, Hkv, G, D]
+            acc_new = acc * alpha[..., None] + tiled_sum(pv, dim=0, tile=TILE_KV)
+            any_visible = visible.any(dim=-1)[:, None, None]  # [n, 1, 1]
+            m = torch.where(any_visible, m_new, m)
+            l = torch.where(any_visible, l_new, l)
+            acc = torch.where(any_visible[..., None], acc_new, acc)
+        out[c0:c1] = (acc / l[..., None]).reshape(n, num_q_heads, head_dim).to(q.dtype)
+        lse[c0:c1] = (m + det_log(l)).reshape(n, num_q_heads)
+    return out, lse
+
+
+def _varlen_layout(cu_seqlens: Tensor, num_tokens: int):
+    """-> (q_seq [T], q_pos [T], block_table [B, max_len]) for packed sequences."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    num_seqs = lens.shape[0]
+    q_seq = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), lens)
+    q_pos = torch.arange(num_tokens, device=cu.device) - cu[:-1][q_seq]
+    max_len = int(lens.max()) if num_seqs else 1
+    block_table = cu[:-1, None] + torch.arange(max(max_len, 1), device=cu.device)[None, :]
+    return q_seq, q_pos, block_table.clamp(max=max(num_tokens - 1, 0))
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: q [T, Hq, D], k and v [T, Hkv, D] expected, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: Hq={q.shape[1]} must be a multiple of Hkv={k.shape[1]}")
+
+
+def _check_cu(cu_seqlens: Tensor, num_tokens: int, name: str) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"attention: {name} must be int [B+1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device.type == "cpu":
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != num_tokens or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(f"attention: {name} must rise from 0 to T={num_tokens}, got {cu_seqlens.tolist()}")
+
+
+def attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] -> (out [T, Hq, D], lse fp32 [T, Hq])."""
+    if q.shape[0] == 0:
+        return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    q_seq, q_pos, block_table = _varlen_layout(cu_seqlens, q.shape[0])
+    return _attend(q, q_seq, q_pos, k[:, None], v[:, None], block_table, scale)
+
+
+def attention_paged_reference(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float) -> Tensor:
+    """The new tokens of seq b are its last cu_seqlens_q[b+1]-cu_seqlens_q[b] positions."""
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    cu = cu_seqlens_q.long()
+    num_new = cu[1:] - cu[:-1]
+    if bool((num_new > seq_lens.long()).any()):
+        raise ValueError("attention_paged: a sequence has more new tokens than seq_lens; seq_lens must include them")
+    q_seq = torch.repeat_interleave(torch.arange(num_new.shape[0], device=q.device), num_new)
+    q_pos = torch.arange(q.shape[0], device=q.device) - cu[:-1][q_seq] + (seq_lens.long() - num_new)[q_seq]
+    return _attend(q, q_seq, q_pos, k_cache, v_cache, block_table, scale)[0]
+
+
+def attention_varlen_backward_reference(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):
+    """Flash-style backward: recompute P per KV tile from lse; fixed-order sums, no atomics.
+
+    Returns (dq, dk, dv) in the dtypes of q, k, v.
+    """
+    num_q_heads, head_dim = q.shape[1:]
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens.long().tolist()
+    zero = torch.zeros((), device=q.device)
+    for start, end in zip(cu[:-1], cu[1:]):
+        seq_len = end - start
+        qs = q[start:end].float().reshape(seq_len, num_kv_heads, group, head_dim)
+        dos = grad_out[start:end].float().reshape(qs.shape)
+        lses = lse[start:end].reshape(seq_len, num_kv_heads, group)
+        # delta_i = sum_d dO_i * O_i (fixed tiles over D)
+        delta = tiled_sum((dos * out[start:end].float().reshape(qs.shape)).movedim(-1, 0), dim=0, tile=TILE_D)
+        for j0 in range(0, seq_len, TILE_KV):
+            j1 = min(j0 + TILE_KV, seq_len)
+            k_j = k[start + j0 : start + j1].float()  # [tile, Hkv, D]
+            v_j = v[start + j0 : start + j1].float()
+            # Queries before the tile see none of it.
+            q_i, do_i, lse_i, delta_i = qs[j0:], dos[j0:], lses[j0:], delta[j0:]
+            visible = torch.arange(j0, j1, device=q.device)[None, :] <= torch.arange(j0, seq_len, device=q.device)[:, None]
+            vis = visible[:, None, None, :]  # [n, 1, 1, tile]
+            s = tiled_sum(q_i.permute(3, 0, 1, 2)[..., None] * k_j.permute(2, 1, 0)[:, None, :, None, :], dim=0, tile=TILE_D) * scale
+            p = torch.where(vis, det_exp(torch.where(vis, s - lse_i[..., None], zero)), zero)  # [n, Hkv, G, tile]
+            dp = tiled_sum(do_i.permute(3, 0, 1, 2)[..., None] * v_j.permute(2, 1, 0)[:, None, :, None, :], dim=0, tile=TILE_D)
+            ds = p * (dp - delta_i[..., None]) * scale  # [n, Hkv, G, tile]
+            # dq_i += sum_j ds_ij k_j ; dk_j = sum_{i,g} ds_ij q_i ; dv_j = sum_{i,g} p_ij dO_i
+            dq[start + j0 : end] += tiled_sum(ds.permute(3, 0, 1, 2)[..., None] * k_j[:, None, :, None, :], dim=0, tile=TILE_KV).reshape(-1, num_q_heads, head_dim)
+            rows = ds.shape[0] * group
+            ds_t = ds.permute(0, 2, 3, 1).reshape(rows, -1, num_kv_heads, 1)  # [(n,G), tile, Hkv, 1]
+            p_t = p.permute(0, 2, 3, 1).reshape(rows, -1, num_kv_heads, 1)
+            dk[start + j0 : start + j1] = tiled_sum(ds_t * q_i.permute(0, 2, 1, 3).reshape(rows, 1, num_kv_heads, head_dim), dim=0, tile=TILE_KV)
+            dv[start + j0 : start + j1] = tiled_sum(p_t * do_i.permute(0, 2, 1, 3).reshape(rows, 1, num_kv_heads, head_dim), dim=0, tile=TILE_KV)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@torch.library.custom_op("lockstep::attention_varlen", mutates_args=())
+def _attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    _check_qkv(q, k, v)
+    _check_cu(cu_seqlens, q.shape[0], "cu_seqlens")
+    fn = triton_fn("attention", "attention_varlen_fwd") if q.is_cuda else None
+    if fn is None:
+        return attention_varlen_reference(q, k, v, cu_seqlens, scale)
+    return fn(q, k, v, cu_seqlens, scale)
+
+
+@_attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, scale = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens, *output)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    # lse is an auxiliary output for the backward; it carries no gradient.
+    q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
+    fn = triton_fn("attention", "attention_varlen_bwd") if q.is_cuda else None
+    if fn is None:
+        fn = attention_varlen_backward_reference
+    dq, dk, dv = fn(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_varlen_op.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("lockstep::attention_paged", mutates_args=())
+def _attention_paged_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, cu_seqlens_q: Tensor, scale: float
+) -> Tensor:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[-1] != q.shape[-1]:
+        raise ValueError(f"attention_paged: k_cache and v_cache must be [NB, BS, Hkv, D={q.shape[-1]}], got {tuple(k_cache.shape)}")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"attention_paged: Hq={q.shape[1]} must be a multiple of Hkv={k_cache.shape[2]}")
+    _check_cu(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    fn = triton_fn("attention", "attention_paged_fwd") if q.is_cuda else None
+    if fn is None:
+        return attention_paged_reference(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale)
+    return fn(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale)
+
+
+@_attention_paged_op.register_fake
+def _(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale):
+    return torch.empty_like(q)
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
+    """Causal GQA over packed sequences: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [B+1] -> [T, Hq, D]."""
+    return _attention_varlen_op(q, k, v, cu_seqlens, float(scale))[0]
+
+
+def attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float) -> Tensor:
+    """Same math over a paged cache [NB, BS, Hkv, D] (inference only: no backward).
+
+    q [T, Hq, D] holds the new tokens of each sequence, which are its LAST
+    cu_seqlens_q[b+1]-cu_seqlens_q[b] positions; seq_lens[b] counts them, and their K/V
+    are already written (`write_kv_cache`).
+    """
+    return _attention_paged_op(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, float(scale))

@@ -1,0 +1,157 @@
+"""Batch-invariant, TP-ready linear: y = x @ W^T (+ b), fp32 accumulation.
+
+K is cut into tiles of TILE_K; a tile's fp32 products are summed by halving, and the tile
+partials are folded in the balanced tree of `_tree.tree_fold`. No BLAS: its order depends
+on M. Tensor parallelism over K (row-parallel linear): each rank calls `linear_partial` on
+its shard and the S partials go through `tree_combine`, which equals the unsplit `linear`
+bit for bit when
+  * every shard boundary falls on a TILE_K boundary (K_per_rank a multiple of TILE_K),
+  * all shards hold the same number of tiles and S is a power of two.
+(Pad K with zero columns in x and W to reach that; zero tiles add exact zeros.)
+Gather the partials and call `tree_combine`; an all-reduce sum would add them in NCCL's order.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._tree import halving_sum, tree_fold
+
+TILE_K = 32
+_MAX_CHUNK_NUMEL = 1 << 20  # fp32 products per row chunk (4 MiB, measured fastest)
+
+
+def _acc_dtype(x: Tensor, w: Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+
+
+def linear_partial_reference(x2d: Tensor, w: Tensor) -> Tensor:
+    """x2d [M, K], w [N, K] -> fp32 [M, N] (fp64 for fp64 inputs): the K-tile tree, no bias."""
+    num_rows, k = x2d.shape
+    n = w.shape[0]
+    acc_dtype = _acc_dtype(x2d, w)
+    num_tiles = max(1, -(-k // TILE_K))
+    k_pad = num_tiles * TILE_K
+    xt = x2d.t().to(acc_dtype)  # [K, M]
+    wt = w.t().to(acc_dtype)  # [K, N]
+    if k_pad != k:
+        xt = torch.cat([xt, xt.new_zeros(k_pad - k, num_rows)])
+        wt = torch.cat([wt, wt.new_zeros(k_pad - k, n)])
+    wt = wt.reshape(num_tiles, TILE_K, 1, n)
+    out = torch.empty(num_rows, n, dtype=acc_dtype, device=x2d.device)
+    # Row chunks only bound memory (sized to stay in cache): every row's arithmetic is the
+    # same whatever the chunk.
+    rows_per_chunk = max(1, _MAX_CHUNK_NUMEL // (k_pad * max(n, 1)))
+    for r0 in range(0, num_rows, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, num_rows)
+        xs = xt[:, r0:r1].reshape(num_tiles, TILE_K, r1 - r0, 1)
+        out[r0:r1] = tree_fold(halving_sum(xs * wt))  # products [tiles, TILE_K, rows, N]
+    return out
+
+
+def linear_reference(x2d: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x2d [M, K], w [N, K], bias [N] -> [M, N] in x2d's dtype; bias added once, in fp32."""
+    acc = linear_partial_reference(x2d, w)
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x2d.dtype)
+
+
+def tree_combine(partials: list[Tensor]) -> Tensor:
+    """Fold the fp32 partials of S K-shards (in shard order, S a power of two)."""
+    num_shards = len(partials)
+    if num_shards == 0 or num_shards & (num_shards - 1):
+        raise ValueError(f"tree_combine needs a power-of-two number of K-shards, got {num_shards}")
+    if any(not p.is_floating_point() or p.dtype.itemsize < 4 for p in partials):
+        raise ValueError("tree_combine takes the fp32 outputs of linear_partial; do not downcast them first")
+    return tree_fold(list(partials))
+
+
+def _check(x: Tensor, w: Tensor) -> None:
+    if w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear: x [..., K] and weight [N, K] disagree: {tuple(x.shape)} vs {tuple(w.shape)}")
+
+
+def _partial_2d(x2d: Tensor, w: Tensor) -> Tensor:
+    fn = triton_fn("linear", "linear_partial") if x2d.is_cuda and _acc_dtype(x2d, w) == torch.float32 else None
+    return fn(x2d, w) if fn is not None else linear_partial_reference(x2d, w)
+
+
+@torch.library.custom_op("lockstep::linear_partial", mutates_args=())
+def _linear_partial_op(x: Tensor, weight: Tensor) -> Tensor:
+    _check(x, weight)
+    return _partial_2d(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("lockstep::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _check(x, weight)
+    x2d = x.reshape(-1, x.shape[-1])
+    fn = triton_fn("linear", "linear_fwd") if x.is_cuda else None
+    if fn is not None:
+        out = fn(x2d, weight, bias, x.dtype)
+    else:
+        acc = _partial_2d(x2d, weight)
+        out = (acc + bias.float() if bias is not None else acc).to(x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_linear_partial_op.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=_acc_dtype(x, weight))
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _grads(ctx, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+    """grad_x = grad @ W (tree over N), grad_W = grad^T @ x (tree over tokens)."""
+    x, w = ctx.saved_tensors
+    g2d = grad.reshape(-1, grad.shape[-1])
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _linear_partial_op(g2d, w.t()).to(x.dtype).reshape(x.shape)
+    if ctx.needs_input_grad[1]:
+        grad_w = _linear_partial_op(g2d.t(), x.reshape(-1, x.shape[-1]).t()).to(w.dtype)
+    return grad_x, grad_w, g2d
+
+
+def _linear_partial_backward(ctx, grad):
+    grad_x, grad_w, _ = _grads(ctx, grad)
+    return grad_x, grad_w
+
+
+def _linear_backward(ctx, grad):
+    grad_x, grad_w, g2d = _grads(ctx, grad)
+    grad_b = None
+    if ctx.needs_input_grad[2]:
+        ones = g2d.new_ones(1, g2d.shape[0])
+        grad_b = _linear_partial_op(ones, g2d.t()).reshape(-1).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b
+
+
+def _setup_linear(ctx, inputs, output):
+    _setup(ctx, inputs, output)
+    ctx.bias_dtype = inputs[2].dtype if inputs[2] is not None else None
+
+
+_linear_partial_op.register_autograd(_linear_partial_backward, setup_context=_setup)
+_linear_op.register_autograd(_linear_backward, setup_context=_setup_linear)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x [..., K], weight [N, K], bias [N] | None -> [..., N] in x's dtype (fp32 accumulation)."""
+    return _linear_op(x, weight, bias)
+
+
+def linear_partial(x: Tensor, weight_shard: Tensor) -> Tensor:
+    """x [..., K_shard], weight_shard [N, K_shard] -> fp32 [..., N]: this shard's subtree."""
+    return _linear_partial_op(x, weight_shard)

@@ -1,0 +1,113 @@
+"""log-softmax and per-token logprobs over the vocab on NVIDIA GPUs, fp32.
+
+One program per row, three fixed steps (README.md, `logprobs.py`):
+  z = logits.float() / temperature (correctly rounded division),
+  m = max(z) over the whole vocab (exact in any order),
+  s = sum of exp(z - m): one `tl.sum` per TILE_V=256 tile, and the tile sums folded in the
+      balanced tree of `lockstep.kernels._tree.tree_fold` (leaves placed in a perfect tree of
+      next_pow2(num_tiles) slots, empty slots zero, then pairwise sums level by level),
+so a vocab shard made of whole tiles sums exactly a subtree (vocab parallel, later).
+logp = (z - m) - log(s).
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lockstep.kernels._tree import _leaf_slots
+
+TILE_V = 256
+_TILES_PER_STEP = 16  # tiles loaded per loop step: [16, 256]
+
+
+@functools.cache
+def _slot_table(num_tiles: int, device: torch.device) -> torch.Tensor:
+    """int32 [num_tiles]: the slot of each tile in the perfect tree of next_pow2(num_tiles)."""
+    return torch.tensor(_leaf_slots(num_tiles), dtype=torch.int32, device=device)
+
+
+@triton.jit
+def _row_stats(x_ptr, slot_ptr, scratch_ptr, V, temperature,
+               NUM_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr):
+    """-> (m, log(s)) of row `x_ptr` [V]; `scratch_ptr` [NUM_SLOTS] fp32 zeros, this row's own."""
+    tiles = tl.arange(0, STEP)
+    cols = tl.arange(0, TILE)
+    m = tl.full((), -float("inf"), tl.float32)
+    for t0 in range(0, NUM_TILES, STEP):
+        offs = (t0 + tiles)[:, None] * TILE + cols[None, :]
+        z = tl.div_rn(tl.load(x_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32), temperature)
+        m = tl.maximum(m, tl.max(tl.max(z, axis=1), axis=0))
+    for t0 in range(0, NUM_TILES, STEP):
+        offs = (t0 + tiles)[:, None] * TILE + cols[None, :]
+        z = tl.div_rn(tl.load(x_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32), temperature)
+        tile_sums = tl.sum(tl.exp(z - m), axis=1)  # [STEP]; padding adds exp(-inf) = 0
+        tile_ok = t0 + tiles < NUM_TILES
+        slots = tl.load(slot_ptr + t0 + tiles, mask=tile_ok, other=0)
+        tl.store(scratch_ptr + slots, tile_sums, mask=tile_ok)
+    tl.debug_barrier()  # the scratch writes above are read back by other threads below
+    s = tl.load(scratch_ptr + tl.arange(0, NUM_SLOTS))
+    for _ in tl.static_range(NUM_SLOTS.bit_length() - 1):  # perfect tree: pairwise, level by level
+        s = tl.sum(tl.reshape(s, (s.shape[0] // 2, 2)), axis=1)
+    return m, tl.log(tl.reshape(s, ()))
+
+
+@triton.jit
+def _log_softmax_kernel(x_ptr, out_ptr, slot_ptr, scratch_ptr, V, temperature, stride_x, stride_out,
+                        NUM_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    m, log_s = _row_stats(x_row, slot_ptr, scratch_ptr + row * NUM_SLOTS, V, temperature,
+                          NUM_TILES, NUM_SLOTS, TILE, STEP)
+    for v0 in range(0, V, TILE * STEP):
+        offs = v0 + tl.arange(0, TILE * STEP)
+        z = tl.div_rn(tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32), temperature)
+        tl.store(out_ptr + row * stride_out + offs, (z - m) - log_s, mask=offs < V)
+
+
+@triton.jit
+def _token_logprobs_kernel(x_ptr, ids_ptr, out_ptr, slot_ptr, scratch_ptr, V, temperature, stride_x,
+                           NUM_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    m, log_s = _row_stats(x_row, slot_ptr, scratch_ptr + row * NUM_SLOTS, V, temperature,
+                          NUM_TILES, NUM_SLOTS, TILE, STEP)
+    token = tl.load(ids_ptr + row).to(tl.int64)
+    z = tl.div_rn(tl.load(x_row + token).to(tl.float32), temperature)
+    tl.store(out_ptr + row, (z - m) - log_s)
+
+
+def _prepare(logits2d: torch.Tensor, temperature: float):
+    if logits2d.dim() != 2 or logits2d.shape[1] == 0:
+        raise ValueError(f"logprobs: logits2d must be [T, V] with V > 0, got {tuple(logits2d.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"logprobs: temperature must be > 0, got {temperature}")
+    logits2d = logits2d if logits2d.stride(1) == 1 else logits2d.contiguous()
+    num_tiles = triton.cdiv(logits2d.shape[1], TILE_V)
+    num_slots = triton.next_power_of_2(num_tiles)
+    scratch = torch.zeros((logits2d.shape[0], num_slots), dtype=torch.float32, device=logits2d.device)
+    meta = dict(NUM_TILES=num_tiles, NUM_SLOTS=num_slots, TILE=TILE_V, STEP=_TILES_PER_STEP, num_warps=8)
+    return logits2d, _slot_table(num_tiles, logits2d.device), scratch, meta
+
+
+def log_softmax_fwd(logits2d: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [T, V] -> fp32 [T, V] = log_softmax(logits.float() / temperature)."""
+    logits2d, slots, scratch, meta = _prepare(logits2d, temperature)
+    out = torch.empty(logits2d.shape, dtype=torch.float32, device=logits2d.device)
+    if logits2d.shape[0]:
+        _log_softmax_kernel[(logits2d.shape[0],)](logits2d, out, slots, scratch, logits2d.shape[1], float(temperature),
+                                                  logits2d.stride(0), out.stride(0), **meta)
+    return out
+
+
+def token_logprobs_fwd(logits2d: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [T, V], ids int [T] -> fp32 [T]: log_softmax(...)[t, ids[t]]."""
+    logits2d, slots, scratch, meta = _prepare(logits2d, temperature)
+    if ids.shape != (logits2d.shape[0],):
+        raise ValueError(f"token_logprobs: ids must be [T={logits2d.shape[0]}], got {tuple(ids.shape)}")
+    out = torch.empty(logits2d.shape[0], dtype=torch.float32, device=logits2d.device)
+    if logits2d.shape[0]:
+        _token_logprobs_kernel[(logits2d.shape[0],)](logits2d, ids.contiguous(), out, slots, scratch, logits2d.shape[1],
+                                                     float(temperature), logits2d.stride(0), **meta)
+    return out
