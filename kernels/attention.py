@@ -2,8 +2,9 @@
 
 Both go through one routine, `_attend`: a query at absolute position t of its sequence walks
 KV tiles [j*TILE_KV, (j+1)*TILE_KV) aligned to absolute key positions, in increasing j, with
-an fp32 online softmax; a tile with no visible key leaves the state untouched (`where`), and
-keys past the query are zeroed before use (garbage or NaN in a paged cache cannot leak).
+an fp32 online softmax; a tile with no visible key leaves the state untouched (`where`);
+hidden scores are replaced (not multiplied) and hidden values zeroed by `where`, so garbage
+or NaN in a paged cache cannot leak.
 So the output for the query at position t is the same bits in a full prefill, a chunked
 prefill and a one-token decode, whatever the batch and the block order.
 Varlen is the paged case with block size 1: key p of sequence b is row cu_seqlens[b] + p.
