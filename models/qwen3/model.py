@@ -238,12 +238,14 @@ class Qwen3Model(nn.Module):
         self.output = OutputHead(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         # fp32 cos/sin table; not in the state dict, rebuilt by init_buffers().
-        self.register_buffer("rope_cache", self._make_rope_cache(None), persistent=False)
+        self.register_buffer("rope_cache", self._make_rope_cache(torch.get_default_device()), persistent=False)
 
     def _make_rope_cache(self, device) -> torch.Tensor:
+        # Always built on CPU, then moved: the same bits on every side and device.
         cfg = self.config
-        cache = kernels.rope_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-        return cache.to(device=device) if device is not None else cache
+        with torch.device("cpu"):
+            cache = kernels.rope_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        return cache.to(device)
 
     def tie_weights(self) -> None:
         """Share the embedding with lm_head (again after to_empty/meta init, which unties)."""
