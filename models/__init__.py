@@ -45,7 +45,9 @@ def checkpoint_path(model_cfg: ModelConfig) -> Path:
     if model_cfg.path:
         path = Path(model_cfg.path)
         if not (path / "config.json").is_file():
-            raise ValueError(f"model.path={model_cfg.path!r} has no config.json: give a HF checkpoint dir, or '' for the tiny model")
+            raise ValueError(
+                f"model.path={model_cfg.path!r} has no config.json: give a HF checkpoint dir, or '' for the tiny model"
+            )
         return path
     from .tiny import write_tiny_checkpoint
 

@@ -10,7 +10,7 @@ from .model import (
     token_logprobs_packed,
 )
 from .sharding import tp_placements, tp_shard, tp_shard_dim
-from .state_dict_adapter import from_hf, hf_state_dict, load_hf_weights, read_safetensors, to_hf
+from .state_dict_adapter import from_hf, hf_state_dict, load_hf_weights, read_safetensors, titan_model_args, to_hf
 
 __all__ = [
     "AttnFactory",
@@ -23,6 +23,7 @@ __all__ = [
     "hf_state_dict",
     "load_hf_weights",
     "read_safetensors",
+    "titan_model_args",
     "to_hf",
     "token_logprobs_packed",
     "tp_placements",

@@ -130,11 +130,16 @@ class Linear(nn.Linear):
 
 
 class OutputHead(Linear):
-    """lm_head: fp32 logits from fp32 operands, the same on every side (a parity rule)."""
+    """lm_head with fp32 logits on every side (a parity rule).
+
+    `linear_partial` over the whole K is `linear` before its downcast: the fp32 accumulator
+    of the operands as stored, which equals linear(x.float(), w.float()) with no fp32 copy
+    of the [V, H] weight.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return kernels.linear(x.float(), self.weight.float(), bias)
+        logits = kernels.linear_partial(x, self.weight).float()  # [T, V]
+        return logits if self.bias is None else logits + self.bias.float()
 
 
 class RMSNorm(nn.RMSNorm):

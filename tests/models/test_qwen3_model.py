@@ -158,5 +158,10 @@ def test_logits_are_fp32_from_a_bf16_model(tied_dir):
     model = build_model(ModelConfig(path=str(tied_dir), dtype="bfloat16"), "cpu")
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     assert model.rope_cache.dtype == kernels.rope_cache(32, 4, 10000.0).dtype  # not rounded by the cast
-    logits = run_logits(model, [[1, 2, 3]])
-    assert logits.dtype == torch.float32
+    tokens, positions, cu_seqlens = packed([[1, 2, 3]])
+    with torch.no_grad():
+        hidden = model(tokens, positions, VarlenMeta(cu_seqlens))
+        logits = model.logits(hidden)
+        upcast = kernels.linear(hidden.float(), model.tok_embeddings.weight.float())
+    assert hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    assert torch.equal(logits, upcast)  # fp32 math on the bf16 operands, no bf16 rounding
