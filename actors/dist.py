@@ -31,6 +31,7 @@ ROLE_DIM_NAMES = {
     "reward": ("dp",),
 }
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
+_meshes: dict[tuple["Layout", str], DeviceMesh] = {}  # this proc's meshes, built once
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +60,12 @@ class Layout:
 def init_distributed(layout: Layout, device_type: str | None = None) -> DeviceMesh:
     """Join this proc's role world (gloo on CPU, nccl on GPU) and return its DeviceMesh.
 
-    Idempotent: if torch.distributed is already up (e.g. vLLM's external launcher joined the
-    same world first), only the DeviceMesh is built on top of it.
+    Idempotent: a second call returns the same DeviceMesh. If torch.distributed is already up
+    (e.g. vLLM's external launcher joined the same world first), the mesh is built on top of it.
     """
     device_type = device_type or layout.device_type
+    if (layout, device_type) in _meshes:
+        return _meshes[layout, device_type]
     world_size = int(_env("WORLD_SIZE", layout))
     rank = int(_env("RANK", layout))
     if world_size != layout.num_procs:
@@ -79,11 +82,14 @@ def init_distributed(layout: Layout, device_type: str | None = None) -> DeviceMe
             f"{layout.role}: torch.distributed is already initialized with world size "
             f"{dist.get_world_size()}, the layout needs {world_size}"
         )
-    return init_device_mesh(device_type, layout.shape, mesh_dim_names=layout.dim_names)
+    mesh = init_device_mesh(device_type, layout.shape, mesh_dim_names=layout.dim_names)
+    _meshes[layout, device_type] = mesh
+    return mesh
 
 
 def destroy_distributed() -> None:
     """Leave the world (call from an actor's cleanup so NCCL/gloo shut down cleanly)."""
+    _meshes.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -30,18 +30,20 @@ class Meshes:
 
     def __init__(self, mesh_cfg: MeshConfig):
         self.cfg = mesh_cfg
-        self._procs: dict[str, ProcMesh] = {}
-        self._lock = asyncio.Lock()
+        self._spawns: dict[str, asyncio.Task] = {}  # role -> task making its ProcMesh
 
     def layout(self, role: str) -> Layout:
         return self.cfg.layout(role)
 
     async def procs(self, role: str) -> ProcMesh:
         """The role's proc mesh, spawned (and its torch.distributed env set up) on first call."""
-        async with self._lock:
-            if role not in self._procs:
-                self._procs[role] = await _spawn_procs(self.cfg, role)
-            return self._procs[role]
+        if role not in self._spawns:
+            self._spawns[role] = asyncio.ensure_future(_spawn_procs(self.cfg, role))
+        return await self._spawns[role]
+
+    async def start(self, roles: tuple[str, ...] = ROLES) -> None:
+        """Spawn several roles' procs at once (faster than one by one on many-core hosts)."""
+        await asyncio.gather(*(self.procs(r) for r in roles))
 
     async def spawn_role(self, role: str, actor_cls: type[Actor], *args, name: str | None = None, **kwargs):
         """Spawn `actor_cls(*args, **kwargs)` on every proc of `role`; returns the actor mesh handle."""
@@ -50,9 +52,14 @@ class Meshes:
 
     async def shutdown(self) -> None:
         """Stop every proc mesh this object spawned (their procs exit)."""
-        async with self._lock:
-            procs, self._procs = self._procs, {}
-        results = await asyncio.gather(*(p.stop() for p in procs.values()), return_exceptions=True)
+        spawns, self._spawns = self._spawns, {}
+        stops = []
+        for task in spawns.values():
+            try:
+                stops.append((await task).stop())
+            except Exception:
+                continue  # that spawn failed: nothing of it to stop
+        results = await asyncio.gather(*stops, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise RuntimeError(f"stopping {len(errors)} proc mesh(es) failed: {errors[0]!r}") from errors[0]
@@ -69,18 +76,30 @@ async def _spawn_procs(cfg: MeshConfig, role: str) -> ProcMesh:
         raise ValueError(f"unknown role {role!r}; roles are {list(ROLES)}")
     _check_can_launch(cfg)
     uses_gpus = cfg.device == "cuda" and role != "reward"
-    env = {}
-    if cfg.device == "cuda":
-        # Reward procs get "" (no GPU at all), so they never touch the trainer's or generator's GPUs.
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cfg.gpu_ids(role, host=0)))
     procs = this_host().spawn_procs(
         per_host={"gpus" if uses_gpus else "procs": cfg.procs_per_host(role)},
+        bootstrap=_warm_imports,
         name=role,
-        bootstrap_command=default_bootstrap_cmd().with_env(env),
+        bootstrap_command=default_bootstrap_cmd().with_env(proc_env(cfg, role)),
     )
     await procs.initialized
     await setup_torch_elastic_env_async(procs)
     return procs
+
+
+def proc_env(cfg: MeshConfig, role: str, host: int = 0) -> dict[str, str]:
+    """Environment a role's procs start with on `host`: on GPU meshes, the role's GPUs only
+    (reward gets "", no GPU at all, so it never touches the trainer's or generator's)."""
+    if cfg.device != "cuda":
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, cfg.gpu_ids(role, host)))}
+
+
+def _warm_imports() -> None:
+    """Runs first in every proc. torchstore's modules import each other in a cycle that breaks
+    ("partially initialized module torchstore.storage_volume") when two actors of one proc
+    import it at once, e.g. a storage volume and a trainer; importing it here, alone, avoids it."""
+    import lockstep.actors.weight_sync  # noqa: F401  (imports torchstore)
 
 
 def _check_can_launch(cfg: MeshConfig) -> None:

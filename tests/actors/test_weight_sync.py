@@ -1,0 +1,175 @@
+"""torchstore weight transfer between real Monarch proc meshes on CPU.
+
+One trainer world (2 procs, FSDP-style Shard(0) DTensors on its ("dp_shard", "tp") = (2, 1)
+mesh) pushes; generators in their own worlds pull into their own layouts: 1 proc with full
+tensors, and 2 procs with TP Shard(1) DTensors. Every received tensor must be bitwise equal
+(torch.equal) to the matching piece of the trainer's full weights.
+"""
+
+import asyncio
+import sys
+
+import cloudpickle
+import pytest
+import torch
+from monarch.actor import Actor, endpoint
+
+from lockstep.actors import weight_sync
+from lockstep.actors.dist import Layout, init_distributed
+from lockstep.controller.mesh_config import MeshConfig, TrainerRole, GeneratorRole, RewardRole
+from lockstep.controller.meshes import Meshes
+
+# The procs cannot import this test module; Monarch pickles with cloudpickle, so send its
+# actor classes by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+# name -> full shape; odd first dims check uneven FSDP shards (4 + 3 rows).
+SHAPES = {
+    "model.embed_tokens.weight": (7, 6),
+    "model.layers.0.mlp.down_proj.weight": (5, 8),
+    "model.norm.weight": (6,),
+}
+
+
+def full_weights(version: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + version)
+    return {name: torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
+
+
+class Trainer(Actor):
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    @endpoint
+    async def init(self) -> None:
+        init_distributed(self.layout)
+
+    @endpoint
+    async def push(self, version: int) -> None:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_distributed(self.layout)
+        sharded = {n: distribute_tensor(t, mesh, [Shard(0), Replicate()]) for n, t in full_weights(version).items()}
+        await weight_sync.push_state_dict(sharded, version)
+
+
+class Generator(Actor):
+    """Receives into plain full tensors (tp == 1) or TP DTensors: 2-D Shard(1), 1-D Replicate."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    @endpoint
+    async def pull(self, version: int, inplace: bool = False) -> dict[str, torch.Tensor]:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_distributed(self.layout)
+        zeros = {n: torch.zeros(s) for n, s in SHAPES.items()}
+        if self.layout.size("tp") == 1:
+            like = zeros
+        else:
+            like = {n: distribute_tensor(t, mesh["tp"], [Shard(1) if t.ndim == 2 else Replicate()]) for n, t in zeros.items()}
+        got = await weight_sync.pull_state_dict(version, like, inplace=inplace)
+        if inplace:
+            assert all(got[n] is like[n] for n in like), "inplace pull must return the receiver's own tensors"
+        return {n: (t.to_local() if hasattr(t, "to_local") else t) for n, t in got.items()}
+
+    @endpoint
+    async def push_plain(self, version: int) -> None:
+        """A one-rank world pushing plain tensors (a trainer without FSDP)."""
+        init_distributed(self.layout)
+        await weight_sync.push_state_dict(full_weights(version), version)
+
+    @endpoint
+    async def pull_named(self, version: int, names: list[str]) -> None:
+        await weight_sync.pull_state_dict(version, {n: torch.zeros(SHAPES.get(n, (1,))) for n in names})
+
+    @endpoint
+    async def latest(self) -> tuple[int | None, list[int]]:
+        return await weight_sync.latest_version(), await weight_sync.stored_versions()
+
+
+def _mesh_cfg(generator_tp: int) -> MeshConfig:
+    return MeshConfig(
+        name="test", device="cpu", procs=8,
+        generator=GeneratorRole(dp=1, tp=generator_tp), trainer=TrainerRole(dp=2), reward=RewardRole(procs=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def meshes():
+    """Trainer (2 procs, store volumes) + a 1-proc generator + a 2-proc TP generator."""
+    full, tp = Meshes(_mesh_cfg(1)), Meshes(_mesh_cfg(2))
+    loop = asyncio.new_event_loop()
+
+    async def start():
+        await asyncio.gather(full.start(("trainer", "generator")), tp.start(("generator",)))
+        await weight_sync.start_store(await full.procs("trainer"))
+        return {
+            "trainer": await full.spawn_role("trainer", Trainer, full.layout("trainer")),
+            "gen1": await full.spawn_role("generator", Generator, full.layout("generator")),
+            "gen2": await tp.spawn_role("generator", Generator, tp.layout("generator")),
+        }
+
+    async def stop():
+        try:
+            await weight_sync.stop_store()
+        finally:
+            await asyncio.gather(full.shutdown(), tp.shutdown())
+
+    try:
+        yield loop.run_until_complete(start())
+    finally:
+        loop.run_until_complete(stop())
+        loop.close()
+
+
+def _values(value_mesh) -> list:
+    return [v for _, v in value_mesh.items()]
+
+
+def test_fsdp_shards_reach_full_and_tp_generators_bitwise(meshes):
+    assert _values(meshes["gen1"].latest.call().get())[0] == (None, [])
+    meshes["trainer"].push.call(0).get()
+    expected = full_weights(0)
+
+    (full,) = _values(meshes["gen1"].pull.call(0).get())
+    for name, t in expected.items():
+        assert torch.equal(full[name], t), name
+
+    per_rank = _values(meshes["gen2"].pull.call(0, inplace=True).get())
+    for rank, local in enumerate(per_rank):
+        for name, t in expected.items():
+            piece = t.chunk(2, dim=1)[rank] if t.ndim == 2 else t
+            assert torch.equal(local[name], piece), (rank, name)
+
+
+def test_versions_are_isolated_and_old_ones_deleted(meshes):
+    for version in (1, 2, 3):
+        meshes["trainer"].push.call(version).get()
+    latest, stored = _values(meshes["gen1"].latest.call().get())[0]
+    assert latest == 3
+    assert stored == [2, 3]  # the previous version stays for a generator still reading it
+
+    (v2,) = _values(meshes["gen1"].pull.call(2).get())
+    for name, t in full_weights(2).items():
+        assert torch.equal(v2[name], t), name
+    assert not torch.equal(v2["model.norm.weight"], full_weights(3)["model.norm.weight"])
+
+    with pytest.raises(Exception, match="policy version 1 is not in the store"):
+        meshes["gen1"].pull.call(1).get()
+
+
+def test_plain_tensors_are_sliced_for_tp_receivers(meshes):
+    meshes["gen1"].push_plain.call(7).get()
+    expected = full_weights(7)
+    for rank, local in enumerate(_values(meshes["gen2"].pull.call(7).get())):
+        for name, t in expected.items():
+            piece = t.chunk(2, dim=1)[rank] if t.ndim == 2 else t
+            assert torch.equal(local[name], piece), (rank, name)
+
+
+def test_name_or_shape_mismatch_is_a_clear_error(meshes):
+    names = list(SHAPES)
+    with pytest.raises(Exception, match=r"policy version 7: names differ from the receiver's; in store only: \['model.norm.weight'\], in receiver only: \['lm_head.weight'\]"):
+        meshes["gen1"].pull_named.call(7, names[:-1] + ["lm_head.weight"]).get()

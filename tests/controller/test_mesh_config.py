@@ -1,0 +1,153 @@
+"""mesh_configs/*.yaml -> MeshConfig: the shipped files, placement, and one-line errors."""
+
+import pickle
+
+import pytest
+
+from lockstep.actors.dist import Layout
+from lockstep.controller.mesh_config import ROLES, available_mesh_configs, load_mesh_config
+
+SHIPPED = ["h100x1", "h100x16", "h100x8", "h200x1", "h200x2", "h200x4", "local-cpu"]
+
+LOCAL = """
+device: cpu
+hosts: 1
+procs: 5
+launcher: {kind: local}
+generator: {dp: 1, tp: 1}
+trainer: {dp: 2, tp: 1}
+reward: {procs: 2}
+"""
+
+
+def load_text(tmp_path, text: str, name: str = "mine"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return load_mesh_config(str(path))
+
+
+def error_of(tmp_path, text: str) -> str:
+    with pytest.raises(ValueError) as e:
+        load_text(tmp_path, text)
+    message = str(e.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_every_shipped_config_loads_and_fits():
+    assert available_mesh_configs() == SHIPPED
+    for name in SHIPPED:
+        cfg = load_mesh_config(name)
+        assert cfg.name == name
+        for role in ROLES:
+            layout = cfg.layout(role)
+            assert layout.num_procs == cfg.role(role).num_procs
+
+
+def test_local_cpu_is_the_default_layout():
+    cfg = load_mesh_config("local-cpu")
+    assert cfg.device == "cpu" and cfg.launcher.kind == "local"
+    assert cfg.layout("trainer") == Layout(role="trainer", dim_names=("dp_shard", "tp"), shape=(2, 1), device_type="cpu")
+    assert cfg.layout("generator") == Layout(role="generator", dim_names=("dp", "tp"), shape=(1, 1), device_type="cpu")
+    assert cfg.layout("reward") == Layout(role="reward", dim_names=("dp",), shape=(2,), device_type="cpu")
+    assert all(cfg.gpu_ids(r) == [] for r in ROLES)
+    assert pickle.loads(pickle.dumps(cfg.layout("trainer"))) == cfg.layout("trainer")
+
+
+def test_gpu_placement_generator_first_then_trainer():
+    h100x8 = load_mesh_config("h100x8")
+    assert h100x8.gpu_ids("generator") == [0, 1, 2, 3]
+    assert h100x8.gpu_ids("trainer") == [4, 5, 6, 7]
+    assert h100x8.gpu_ids("reward") == []
+    assert h100x8.layout("reward").device_type == "cpu"  # reward never takes a GPU
+
+    h100x1 = load_mesh_config("h100x1")  # colocated: both on GPU 0, vLLM capped
+    assert h100x1.colocate and h100x1.gpu_ids("generator") == h100x1.gpu_ids("trainer") == [0]
+    assert h100x1.generator.gpu_memory_utilization == 0.3
+
+    h100x16 = load_mesh_config("h100x16")  # generator host 0, trainer host 1, both from GPU 0
+    assert h100x16.gpu_ids("generator", host=0) == list(range(8))
+    assert h100x16.gpu_ids("trainer", host=0) == []
+    assert h100x16.gpu_ids("trainer", host=1) == list(range(8))
+    assert h100x16.launcher.kind == "slurm"  # parses; spawning says "not supported yet"
+
+
+def test_unknown_mesh_name_lists_the_available_ones():
+    with pytest.raises(ValueError) as e:
+        load_mesh_config("h100x3")
+    assert str(e.value) == (
+        "unknown mesh config 'h100x3'; available: " + ", ".join(SHIPPED) + " (or pass a path to a .yaml file)"
+    )
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match=r"mesh config file '.*nope\.yaml' not found"):
+        load_mesh_config(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # unknown keys, at every level
+        ("fsdp: 2\n", "unknown key 'fsdp'; allowed here: device, hosts, gpus, procs, colocate, launcher, generator, trainer, reward"),
+        ("trainer: {dp: 2, fsdp: 2}\n", "unknown key 'trainer.fsdp'; allowed here: dp, tp, hosts"),
+        ("launcher: {kind: local, nodes: 2}\n", "unknown key 'launcher.nodes'; allowed here: kind, hosts, partition, account, time_limit"),
+        # wrong types
+        ("trainer: {dp: two}\n", "trainer.dp must be int, got str 'two'"),
+        ("trainer: {dp: true}\n", "trainer.dp must be int, got bool True"),
+        ("reward: {procs: 2, hosts: 0}\n", "reward.hosts must be a list, got int 0"),
+        ("generator: {gpu_memory_utilization: high}\n", "generator.gpu_memory_utilization must be float, got str 'high'"),
+        ("trainer: 2\n", "trainer must be a mapping, got int 2"),
+        # bad values and layouts that do not fit
+        ("trainer: {dp: 0}\n", "trainer: dp must be >= 1, got 0"),
+        ("trainer: {dp: 3, tp: 1}\n", "host 0 runs generator 1 + trainer 3 + reward 2 = 6 procs but procs=5"),
+        ("device: tpu\n", "device must be one of ['cpu', 'cuda'], got 'tpu'"),
+        ("launcher: {kind: k8s}\n", "launcher: kind must be one of ['local', 'slurm', 'hosts'], got 'k8s'"),
+        ("hosts: 2\n", "launcher local runs on this one machine but hosts=2; use kind slurm or hosts"),
+        ("trainer: {dp: 2, hosts: [1]}\n", "trainer.hosts [1] out of range: the mesh has hosts 0..0"),
+        ("colocate: true\n", "colocate shares GPUs; remove it for device cpu"),
+    ],
+)
+def test_malformed_config_is_one_clear_line(tmp_path, change, message):
+    text = LOCAL + change  # a later YAML key replaces the earlier one
+    assert error_of(tmp_path, text) == f"mesh config '{tmp_path / 'mine.yaml'}': {message}"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "device: cuda\nhosts: 1\ngpus: 2\ngenerator: {dp: 1, tp: 2}\ntrainer: {dp: 1, tp: 1}\n",
+            "host 0 needs sum of generator 2 + trainer 1 = 3 GPUs but gpus=2",
+        ),
+        (
+            "device: cuda\nhosts: 1\ngpus: 1\ncolocate: true\ngenerator: {tp: 1}\ntrainer: {dp: 2}\n",
+            "host 0 needs max of generator 1 + trainer 2 = 2 GPUs but gpus=1",
+        ),
+        ("device: cuda\nhosts: 1\nprocs: 4\n", "device cuda needs gpus (GPUs per host) and no procs"),
+        (
+            "device: cuda\nhosts: 2\ngpus: 8\nlauncher: {kind: slurm}\ntrainer: {dp: 3, hosts: [0, 1]}\n",
+            "trainer: dp*tp=3 procs do not split evenly over 2 hosts",
+        ),
+        ("device: cuda\nhosts: 1\ngpus: 1\ngenerator: {gpu_memory_utilization: 1.5}\ncolocate: true\n",
+         "generator: gpu_memory_utilization must be in (0, 1], got 1.5"),
+        ("- device: cpu\n", "expected a mapping at the top level, got list"),
+    ],
+)
+def test_gpu_layouts_must_fit(tmp_path, text, message):
+    assert error_of(tmp_path, text) == f"mesh config '{tmp_path / 'mine.yaml'}': {message}"
+
+
+def test_role_spread_over_two_hosts(tmp_path):
+    cfg = load_text(
+        tmp_path,
+        "device: cuda\nhosts: 2\ngpus: 8\nlauncher: {kind: hosts, hosts: [node-a, node-b]}\n"
+        "generator: {dp: 2, tp: 2, hosts: [0]}\ntrainer: {dp: 2, tp: 4, hosts: [0, 1]}\n",
+    )
+    assert cfg.procs_per_host("trainer") == 4
+    assert cfg.gpu_ids("generator", host=0) == [0, 1, 2, 3]
+    assert cfg.gpu_ids("trainer", host=0) == [4, 5, 6, 7]  # after the generator's
+    assert cfg.gpu_ids("trainer", host=1) == [0, 1, 2, 3]
+    assert error_of(tmp_path, "device: cuda\nhosts: 2\ngpus: 8\nlauncher: {kind: hosts, hosts: [node-a]}\n") == (
+        f"mesh config '{tmp_path / 'mine.yaml'}': launcher.hosts lists 1 addresses but hosts=2"
+    )
