@@ -59,10 +59,14 @@ def tiled_sum(x: Tensor, dim: int, tile: int) -> Tensor:
     if tile & (tile - 1):
         raise ValueError(f"tile must be a power of two, got {tile}")
     x = x.movedim(dim, 0)
-    n = x.shape[0]
-    num_tiles = max(1, -(-n // tile))
-    if num_tiles * tile != n:
-        pad = x.new_zeros((num_tiles * tile - n, *x.shape[1:]))
-        x = torch.cat([x, pad], dim=0)
-    x = x.reshape(num_tiles, tile, *x.shape[1:])
-    return tree_fold(halving_sum(x))
+    n, rest = x.shape[0], x.shape[1:]
+    num_full = n // tile
+    parts = []
+    if num_full:
+        # Splitting dim 0 into (tiles, tile) is a view: no copy of x.
+        parts.append(halving_sum(x[: num_full * tile].reshape(num_full, tile, *rest)))
+    if n % tile or n == 0:
+        last = x.new_zeros((1, tile, *rest))  # the ragged last tile, zero padded
+        last[0, : n % tile] = x[num_full * tile :]
+        parts.append(halving_sum(last))
+    return tree_fold(parts[0] if len(parts) == 1 else torch.cat(parts))

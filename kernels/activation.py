@@ -57,13 +57,23 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
-def _backward(ctx, grad):
-    (gate_up,) = ctx.saved_tensors
+@torch.library.custom_op("lockstep::silu_mul_backward", mutates_args=())
+def _silu_mul_backward_op(grad: Tensor, gate_up: Tensor) -> Tensor:
     fn = triton_fn("activation", "silu_mul_bwd") if gate_up.is_cuda else None
     if fn is None:
         return silu_mul_backward_reference(grad, gate_up)
     width = gate_up.shape[-1]
     return fn(grad.reshape(-1, width // 2), gate_up.reshape(-1, width)).reshape(gate_up.shape)
+
+
+@_silu_mul_backward_op.register_fake
+def _(grad, gate_up):
+    return torch.empty_like(gate_up)
+
+
+def _backward(ctx, grad):
+    (gate_up,) = ctx.saved_tensors
+    return _silu_mul_backward_op(grad, gate_up)
 
 
 _silu_mul_op.register_autograd(_backward, setup_context=_setup)

@@ -36,11 +36,14 @@ def _attend(q: Tensor, q_seq: Tensor, q_pos: Tensor, k_cache: Tensor, v_cache: T
     lse = torch.empty(num_tokens, num_q_heads, dtype=torch.float32, device=q.device)
     offsets = torch.arange(TILE_KV, device=q.device)
     block_table = block_table.long()
+    # Chunks of queries at similar positions walk the same number of tiles; any grouping
+    # gives the same bits, this one only saves work.
+    order = torch.argsort(q_pos, stable=True)
     for c0 in range(0, num_tokens, _QUERIES_PER_CHUNK):
-        c1 = min(c0 + _QUERIES_PER_CHUNK, num_tokens)
-        n = c1 - c0
-        pos, seq = q_pos[c0:c1], q_seq[c0:c1]
-        q_t = q[c0:c1].float().reshape(n, num_kv_heads, group, head_dim).permute(3, 0, 1, 2)[..., None]  # [D, n, Hkv, G, 1]
+        rows = order[c0 : c0 + _QUERIES_PER_CHUNK]
+        n = rows.shape[0]
+        pos, seq = q_pos[rows], q_seq[rows]
+        q_t = q[rows].float().reshape(n, num_kv_heads, group, head_dim).permute(3, 0, 1, 2)[..., None]  # [D, n, Hkv, G, 1]
         m = torch.full((n, num_kv_heads, group), -torch.inf, device=q.device)
         l = torch.zeros(n, num_kv_heads, group, device=q.device)
         acc = torch.zeros(n, num_kv_heads, group, head_dim, device=q.device)
@@ -67,8 +70,8 @@ def _attend(q: Tensor, q_seq: Tensor, q_pos: Tensor, k_cache: Tensor, v_cache: T
             m = torch.where(any_visible, m_new, m)
             l = torch.where(any_visible, l_new, l)
             acc = torch.where(any_visible[..., None], acc_new, acc)
-        out[c0:c1] = (acc / l[..., None]).reshape(n, num_q_heads, head_dim).to(q.dtype)
-        lse[c0:c1] = (m + det_log(l)).reshape(n, num_q_heads)
+        out[rows] = (acc / l[..., None]).reshape(n, num_q_heads, head_dim).to(q.dtype)
+        lse[rows] = (m + det_log(l)).reshape(n, num_q_heads)
     return out, lse
 
 
@@ -183,13 +186,23 @@ def _setup(ctx, inputs, output):
     ctx.scale = scale
 
 
+@torch.library.custom_op("lockstep::attention_varlen_backward", mutates_args=())
+def _attention_varlen_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = triton_fn("attention", "attention_varlen_bwd") if q.is_cuda else None
+    return (fn or attention_varlen_backward_reference)(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, scale)
+
+
+@_attention_varlen_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _backward(ctx, grad_out, grad_lse):
     # lse is an auxiliary output for the backward; it carries no gradient.
     q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
-    fn = triton_fn("attention", "attention_varlen_bwd") if q.is_cuda else None
-    if fn is None:
-        fn = attention_varlen_backward_reference
-    dq, dk, dv = fn(grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.scale)
+    dq, dk, dv = _attention_varlen_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.scale)
     return dq, dk, dv, None, None
 
 

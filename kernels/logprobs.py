@@ -103,6 +103,26 @@ def _(logits, ids, temperature):
     return logits.new_empty(logits.shape[:1], dtype=torch.float32)
 
 
+@torch.library.custom_op("lockstep::log_softmax_backward", mutates_args=())
+def _log_softmax_backward_op(grad: Tensor, logp: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    return log_softmax_backward_reference(grad, logp, temperature, dtype)
+
+
+@_log_softmax_backward_op.register_fake
+def _(grad, logp, temperature, dtype):
+    return torch.empty_like(logp, dtype=dtype)
+
+
+@torch.library.custom_op("lockstep::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(grad: Tensor, logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
+    return token_logprobs_backward_reference(grad, logits, ids, temperature)
+
+
+@_token_logprobs_backward_op.register_fake
+def _(grad, logits, ids, temperature):
+    return torch.empty_like(logits)
+
+
 def _setup_log_softmax(ctx, inputs, output):
     ctx.save_for_backward(output)
     ctx.temperature, ctx.dtype = inputs[1], inputs[0].dtype
@@ -110,7 +130,7 @@ def _setup_log_softmax(ctx, inputs, output):
 
 def _log_softmax_backward(ctx, grad):
     (logp,) = ctx.saved_tensors
-    return log_softmax_backward_reference(grad, logp, ctx.temperature, ctx.dtype), None
+    return _log_softmax_backward_op(grad, logp, ctx.temperature, ctx.dtype), None
 
 
 def _setup_token_logprobs(ctx, inputs, output):
@@ -120,7 +140,7 @@ def _setup_token_logprobs(ctx, inputs, output):
 
 def _token_logprobs_backward(ctx, grad):
     logits, ids = ctx.saved_tensors
-    return token_logprobs_backward_reference(grad, logits, ids, ctx.temperature), None, None
+    return _token_logprobs_backward_op(grad, logits, ids, ctx.temperature), None, None
 
 
 _log_softmax_op.register_autograd(_log_softmax_backward, setup_context=_setup_log_softmax)
