@@ -333,11 +333,16 @@ class Trainer:
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
 
         self.optimizers.zero_grad()
-        # float64 sums: policy loss, kl, num_clipped, ratio_sum; and ratio_max
-        sums = torch.zeros(4, dtype=torch.float64)
-        ratio_max = torch.zeros((), dtype=torch.float64)
+        # float64, on the device (NCCL reduces device tensors only):
+        # sums of policy loss, kl, num_clipped, ratio; and the max ratio
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        ratio_max = torch.zeros((), dtype=torch.float64, device=self.device)
         for chunk in self._micro_batches(samples):
             lp, packed = self._score(self.scorer, chunk, temperature)  # [n] with grad
+            ref_lp = None
+            if self.ref_scorer is not None:
+                with torch.no_grad():
+                    ref_lp, _ = self._score(self.ref_scorer, chunk, temperature)
             if not chunk:
                 (lp.sum() * 0.0).backward()  # joins the FSDP reduce-scatter with zero grads
                 continue
@@ -346,17 +351,15 @@ class Trainer:
                 [s.advantage for s in chunk for _ in s.completion_ids], dtype=torch.float32, device=self.device
             )
             loss, stats = policy_loss(lp, old, advantages, num_tokens, self.cfg.clip_eps)
-            sums[0] += loss.detach().double().cpu()
-            if self.ref_scorer is not None:
-                with torch.no_grad():
-                    ref_lp, _ = self._score(self.ref_scorer, chunk, temperature)
+            sums[0] += loss.detach().double()
+            if ref_lp is not None:
                 kl = kl_penalty(lp, ref_lp).sum() / num_tokens
                 loss = loss + self.cfg.kl_coef * kl
-                sums[1] += kl.detach().double().cpu()
+                sums[1] += kl.detach().double()
             loss.backward()
-            sums[2] += stats["num_clipped"].cpu()
-            sums[3] += stats["ratio_sum"].cpu()
-            ratio_max = torch.maximum(ratio_max, stats["ratio_max"].double().cpu())
+            sums[2] += stats["num_clipped"]
+            sums[3] += stats["ratio_sum"]
+            ratio_max = torch.maximum(ratio_max, stats["ratio_max"].double())
 
         from torchtitan.distributed.utils import clip_grad_norm_
 

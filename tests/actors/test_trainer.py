@@ -186,10 +186,9 @@ def _fsdp_worker(rank, world_size, port, model_cfg, samples, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         mesh = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("dp_shard", "tp"))
-        trainer = Trainer(model_cfg, TrainerConfig(micro_batch_size=2), "cpu", mesh)
+        trainer = Trainer(model_cfg, FSDP_CFG, "cpu", mesh)
         logprobs = trainer.logprobs(samples, TEMPERATURE)
-        for s, lp in zip(samples, logprobs):
-            s.logprobs = lp
+        one = trainer.logprobs(samples[:1], TEMPERATURE)  # rank 1 has nothing to score
         metrics = trainer.train_step(TrainBatch(samples=samples, temperature=TEMPERATURE))
         after = trainer.logprobs(samples, TEMPERATURE)
         trainer.save(os.path.join(out_dir, "ckpt"))
@@ -199,7 +198,7 @@ def _fsdp_worker(rank, world_size, port, model_cfg, samples, out_dir):
                     init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp_shard", "tp")))
         except NotImplementedError as e:
             tp_error = str(e)
-        torch.save({"logprobs": logprobs, "metrics": metrics, "after": after, "tp_error": tp_error},
+        torch.save({"logprobs": logprobs, "one": one, "metrics": metrics, "after": after, "tp_error": tp_error},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -211,26 +210,41 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# 5 samples over 2 ranks in micro-batches of 2: rank 0 runs 2 micro-batches, rank 1 one and a
+# filler; kl_coef > 0 puts the FSDP-sharded reference model in the step too.
+FSDP_CFG = TrainerConfig(lr=1e-2, micro_batch_size=2, kl_coef=0.1)
+
+
 @pytest.mark.slow  # two spawned procs import torch + TorchTitan: ~1 min on 2 cores
 def test_fsdp_two_ranks_match_single_process(model_cfg, tmp_path):
-    samples = make_samples(num_prompts=3, num_per_prompt=2)  # 6 samples: 3 per rank, 2 micro-batches
-    single = Trainer(model_cfg, TrainerConfig(micro_batch_size=2))
+    samples = make_samples(num_prompts=3, num_per_prompt=2)[:5]
+    single = Trainer(model_cfg, FSDP_CFG)
     expected = single.logprobs(samples, TEMPERATURE)
-    on_policy(single, samples, [1.0, 0.0, 0.5, 0.5, 0.0, 2.0])
+    on_policy(single, samples)
+    for s, advantage in zip(samples, [1.0, -1.0, 0.5, -0.5, 1.0]):
+        s.advantage = advantage
     single_metrics = single.train_step(TrainBatch(samples=samples, temperature=TEMPERATURE))
 
     mp.spawn(_fsdp_worker, args=(2, _free_port(), model_cfg, samples, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for result in results:
         # every rank returns the full list in sample order, bitwise the single-process values
+        assert len(result["logprobs"]) == len(samples)
         assert all(torch.equal(x, y) for x, y in zip(result["logprobs"], expected))
+        assert len(result["one"]) == 1 and torch.equal(result["one"][0], expected[0])
         metrics = result["metrics"]
         assert metrics["ratio_mean"] == 1.0 and metrics["num_tokens"] == single_metrics["num_tokens"]
+        assert metrics["kl"] == 0.0 and metrics["version"] == 1.0
         assert metrics["loss"] == pytest.approx(single_metrics["loss"], rel=1e-5, abs=1e-7)
         assert metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-4)
         assert "not supported yet" in result["tp_error"]
     # the FSDP step moved the weights like the single-process one (summation order differs)
     single_after = single.logprobs(samples, TEMPERATURE)
+    assert not torch.equal(single_after[0], expected[0])
     for x, y in zip(results[0]["after"], single_after):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
-    assert (tmp_path / "ckpt" / ".metadata").is_file()
+    # the FSDP checkpoint loads into one process (DCP reshards): same weights, same bits
+    resumed = Trainer(model_cfg, FSDP_CFG)
+    resumed.load(str(tmp_path / "ckpt"))
+    assert resumed.version == 1
+    assert all(torch.equal(x, y) for x, y in zip(resumed.logprobs(samples, TEMPERATURE), results[0]["after"]))
