@@ -21,6 +21,7 @@ Store layout (HF parameter names; the trainer converts with its state-dict adapt
 After pushing N, versions older than N-1 are deleted (N-1 stays for a generator still reading it).
 """
 
+import asyncio
 import re
 
 import torch
@@ -113,9 +114,12 @@ async def start_store(volume_procs) -> None:
     await ts.initialize(num_storage_volumes=num_volumes, strategy=strategy, store_name=STORE_NAME, mesh=volume_procs)
 
 
-async def stop_store() -> None:
+async def stop_store(timeout_s: float = 60.0) -> None:
     """Controller side: drop every stored key; the volumes go away with their procs."""
-    await ts.shutdown(STORE_NAME)
+    try:
+        await asyncio.wait_for(ts.shutdown(STORE_NAME), timeout_s)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"torchstore did not shut down within {timeout_s:.0f} s (are the volume procs gone?)") from None
 
 
 @torch.no_grad()

@@ -24,6 +24,8 @@ from monarch.spmd import setup_torch_elastic_env_async
 from lockstep.actors.dist import Layout
 from lockstep.controller.mesh_config import ROLES, MeshConfig
 
+WEIGHT_SYNC_ROLES = ("trainer", "generator")  # procs that use torchstore (volumes, push, pull)
+
 
 class Meshes:
     """Proc meshes of one run, keyed by role; `shutdown()` (or `async with`) stops them all."""
@@ -78,7 +80,7 @@ async def _spawn_procs(cfg: MeshConfig, role: str) -> ProcMesh:
     uses_gpus = cfg.device == "cuda" and role != "reward"
     procs = this_host().spawn_procs(
         per_host={"gpus" if uses_gpus else "procs": cfg.procs_per_host(role)},
-        bootstrap=_warm_imports,
+        bootstrap=_warm_imports if role in WEIGHT_SYNC_ROLES else None,
         name=role,
         bootstrap_command=default_bootstrap_cmd().with_env(proc_env(cfg, role)),
     )
@@ -96,7 +98,7 @@ def proc_env(cfg: MeshConfig, role: str, host: int = 0) -> dict[str, str]:
 
 
 def _warm_imports() -> None:
-    """Runs first in every proc. torchstore's modules import each other in a cycle that breaks
+    """Runs first in every trainer and generator proc. torchstore's modules import each other in a cycle that breaks
     ("partially initialized module torchstore.storage_volume") when two actors of one proc
     import it at once, e.g. a storage volume and a trainer; importing it here, alone, avoids it."""
     import lockstep.actors.weight_sync  # noqa: F401  (imports torchstore)

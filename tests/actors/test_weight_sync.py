@@ -7,7 +7,9 @@ tensors, and 2 procs with TP Shard(1) DTensors. Every received tensor must be bi
 """
 
 import asyncio
+import os
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -36,7 +38,13 @@ def full_weights(version: int) -> dict[str, torch.Tensor]:
     return {name: torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
 
 
-class Trainer(Actor):
+class Proc(Actor):
+    @endpoint
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+class Trainer(Proc):
     def __init__(self, layout: Layout):
         self.layout = layout
 
@@ -53,7 +61,7 @@ class Trainer(Actor):
         await weight_sync.push_state_dict(sharded, version)
 
 
-class Generator(Actor):
+class Generator(Proc):
     """Receives into plain full tensors (tp == 1) or TP DTensors: 2-D Shard(1), 1-D Replicate."""
 
     def __init__(self, layout: Layout):
@@ -117,11 +125,23 @@ def meshes():
         finally:
             await asyncio.gather(full.shutdown(), tp.shutdown())
 
+    handles = loop.run_until_complete(start())
+    pids = [pid for h in handles.values() for _, pid in h.pid.call().get().items()]
     try:
-        yield loop.run_until_complete(start())
+        yield handles
     finally:
         loop.run_until_complete(stop())
         loop.close()
+    assert all(_gone(pid) for pid in pids), "procs still alive after shutdown"
+
+
+def _gone(pid: int, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _values(value_mesh) -> list:
