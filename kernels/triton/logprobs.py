@@ -29,9 +29,11 @@ def _slot_table(num_tiles: int, device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _row_stats(x_ptr, slot_ptr, scratch_ptr, V, temperature,
-               NUM_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr):
-    """-> (m, log(s)) of row `x_ptr` [V]; `scratch_ptr` [NUM_SLOTS] fp32 zeros, this row's own."""
+def _row_stats(x_ptr, slot_ptr, scratch_ptr, V, temperature, NUM_TILES: tl.constexpr,
+               NUM_SLOTS: tl.constexpr, LOG_SLOTS: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr):
+    """-> (m, log(s)) of row `x_ptr` [V]; `scratch_ptr` [NUM_SLOTS] fp32 is this row's own."""
+    tl.store(scratch_ptr + tl.arange(0, NUM_SLOTS), tl.zeros((NUM_SLOTS,), tl.float32))  # empty slots add 0
+    tl.debug_barrier()  # zeros land before any tile sum
     tiles = tl.arange(0, STEP)
     cols = tl.arange(0, TILE)
     m = tl.full((), -float("inf"), tl.float32)
@@ -48,18 +50,19 @@ def _row_stats(x_ptr, slot_ptr, scratch_ptr, V, temperature,
         tl.store(scratch_ptr + slots, tile_sums, mask=tile_ok)
     tl.debug_barrier()  # the scratch writes above are read back by other threads below
     s = tl.load(scratch_ptr + tl.arange(0, NUM_SLOTS))
-    for _ in tl.static_range(NUM_SLOTS.bit_length() - 1):  # perfect tree: pairwise, level by level
-        s = tl.sum(tl.reshape(s, (s.shape[0] // 2, 2)), axis=1)
-    return m, tl.log(tl.reshape(s, ()))
+    for level in tl.static_range(LOG_SLOTS):  # perfect tree: pairwise, level by level
+        s = tl.sum(tl.reshape(s, (NUM_SLOTS >> (level + 1), 2)), axis=1)
+    return m, tl.log(tl.sum(s, axis=0))  # s has one element here
 
 
 @triton.jit
 def _log_softmax_kernel(x_ptr, out_ptr, slot_ptr, scratch_ptr, V, temperature, stride_x, stride_out,
-                        NUM_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr):
+                        NUM_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr, LOG_SLOTS: tl.constexpr, TILE: tl.constexpr,
+                        STEP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     m, log_s = _row_stats(x_row, slot_ptr, scratch_ptr + row * NUM_SLOTS, V, temperature,
-                          NUM_TILES, NUM_SLOTS, TILE, STEP)
+                          NUM_TILES, NUM_SLOTS, LOG_SLOTS, TILE, STEP)
     for v0 in range(0, V, TILE * STEP):
         offs = v0 + tl.arange(0, TILE * STEP)
         z = tl.div_rn(tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32), temperature)
@@ -68,11 +71,12 @@ def _log_softmax_kernel(x_ptr, out_ptr, slot_ptr, scratch_ptr, V, temperature, s
 
 @triton.jit
 def _token_logprobs_kernel(x_ptr, ids_ptr, out_ptr, slot_ptr, scratch_ptr, V, temperature, stride_x,
-                           NUM_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr):
+                           NUM_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr, LOG_SLOTS: tl.constexpr, TILE: tl.constexpr,
+                        STEP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     m, log_s = _row_stats(x_row, slot_ptr, scratch_ptr + row * NUM_SLOTS, V, temperature,
-                          NUM_TILES, NUM_SLOTS, TILE, STEP)
+                          NUM_TILES, NUM_SLOTS, LOG_SLOTS, TILE, STEP)
     token = tl.load(ids_ptr + row).to(tl.int64)
     z = tl.div_rn(tl.load(x_row + token).to(tl.float32), temperature)
     tl.store(out_ptr + row, (z - m) - log_s)
@@ -86,8 +90,8 @@ def _prepare(logits2d: torch.Tensor, temperature: float):
     logits2d = logits2d if logits2d.stride(1) == 1 else logits2d.contiguous()
     num_tiles = triton.cdiv(logits2d.shape[1], TILE_V)
     num_slots = triton.next_power_of_2(num_tiles)
-    scratch = torch.zeros((logits2d.shape[0], num_slots), dtype=torch.float32, device=logits2d.device)
-    meta = dict(NUM_TILES=num_tiles, NUM_SLOTS=num_slots, TILE=TILE_V, STEP=_TILES_PER_STEP, num_warps=8)
+    scratch = torch.empty((logits2d.shape[0], num_slots), dtype=torch.float32, device=logits2d.device)
+    meta = dict(NUM_TILES=num_tiles, NUM_SLOTS=num_slots, LOG_SLOTS=num_slots.bit_length() - 1, TILE=TILE_V, STEP=_TILES_PER_STEP, num_warps=8)
     return logits2d, _slot_table(num_tiles, logits2d.device), scratch, meta
 
 

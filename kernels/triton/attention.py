@@ -1,0 +1,371 @@
+"""Causal GQA flash attention on NVIDIA GPUs: packed sequences (varlen) and a paged KV cache.
+
+Forward: ONE compiled kernel serves both layouts (the layout is a runtime argument that only
+changes where a key row is read from), so the arithmetic is literally the same code. A program
+holds BLOCK_M rows = (query token, query head of the kv group) pairs of one sequence and walks
+KV tiles [j*BLOCK_N, (j+1)*BLOCK_N) aligned to ABSOLUTE key positions, in increasing j, with
+an fp32 online softmax (base 2). Every tile goes through the same masked body: keys after the
+query or at/after seq_len get score -inf (`where`, so garbage or NaN in a paged cache never
+leaks; their K/V loads are zeroed too), and a tile with no visible key is an exact no-op for
+that row (alpha = exp2(0) = 1, the added terms are zeros). Rows of an MMA never mix, so a
+query's bits do not depend on the rows it shares a program with: a query at position t gets
+the same output in a full prefill, a chunked prefill and a one-token decode, in any batch.
+No split over KV (a long decode runs on B * Hkv programs).
+
+Backward (varlen only): flash-style recompute from lse; dK/dV by one program per KV tile
+walking the query tiles in order, dQ by one program per query tile walking the KV tiles in
+order; no atomics, so two runs give the same bits.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# One config per dtype, for every batch / layout: (rows, keys per KV tile, warps, dot precision).
+# KV tiles are [j*BLOCK_N, (j+1)*BLOCK_N) in absolute key positions.
+_FWD = {
+    torch.bfloat16: (128, 64, 8, "tf32"),
+    torch.float16: (128, 64, 8, "tf32"),
+    torch.float32: (64, 32, 4, "tf32x3"),  # fp32-accurate products on tensor cores
+}
+# Backward: (rows per query tile = keys per KV tile, warps, dot precision).
+_BWD = {
+    torch.bfloat16: (64, 8, "tf32"),
+    torch.float16: (64, 8, "tf32"),
+    torch.float32: (32, 4, "tf32x3"),
+}
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _find_seq(pid, cu_ptr, num_seqs, TOKENS: tl.constexpr):
+    """Sequence b whose tiles hold program `pid`: tiles of b start at cu[b] // TOKENS + b."""
+    lo = 0
+    hi = num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(cu_ptr + mid) // TOKENS + mid <= pid:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@triton.jit
+def _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_size):
+    """Row of each key position in the [rows, Hkv, D] view of k / v (a cache is [NB*BS, Hkv, D])."""
+    if paged:
+        blk = tl.load(block_table_ptr + b * stride_bt + kpos // block_size, mask=kv_ok, other=0)
+        krows = blk.to(tl.int64) * block_size + kpos % block_size
+    else:
+        krows = (q_start + kpos).to(tl.int64)
+    return krows
+
+
+@triton.jit(do_not_specialize=["num_seqs", "paged", "block_size", "stride_bt"])
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, seq_lens_ptr, block_table_ptr,
+    num_seqs, qk_scale, paged, block_size,
+    stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    b = _find_seq(pid, cu_q_ptr, num_seqs, TOKENS)
+    q_start = tl.load(cu_q_ptr + b)
+    num_q = tl.load(cu_q_ptr + b + 1) - q_start
+    tile = pid - (q_start // TOKENS + b)
+    if tile * TOKENS >= num_q:
+        return
+    if paged:
+        seq_len = tl.load(seq_lens_ptr + b)
+    else:
+        seq_len = num_q
+    first_pos = seq_len - num_q  # absolute position of the first query
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * TOKENS + rows // GROUP  # query index inside the sequence
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < TOKENS * GROUP) & (tok < num_q)
+    q_pos = first_pos + tok
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    last_pos = first_pos + tl.minimum(num_q, (tile + 1) * TOKENS) - 1
+    for j in range(0, last_pos // BLOCK_N + 1):
+        kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_ok = kpos < seq_len
+        krows = _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_size)
+        kv_mask = kv_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + krows[:, None] * stride_kr + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        visible = (kpos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
+        s = tl.where(visible, s * qk_scale, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + krows[:, None] * stride_vr + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+
+    out = tl.div_rn(acc, l_i[:, None])
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:  # natural log, as the contract states
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(lse_ptr + q_rows * stride_lt + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, num_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      ROWS: tl.constexpr):
+    # delta [T*Hq] = sum_d dO * O (fp32), rows of the contiguous [T*Hq, D] views.
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    d = tl.arange(0, BLOCK_D)
+    mask = (r[:, None] < num_rows) & (d[None, :] < HEAD_DIM)
+    offs = r[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
+    o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + r, tl.sum(o * do, axis=1), mask=r < num_rows)
+
+
+@triton.jit
+def _load_rows(ptr, q_start, tile, num_q, kv_head, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """[ROWS, D] of a contiguous [T, Hq, D] tensor at rows (token, head of the kv group); + row indices."""
+    TOKENS: tl.constexpr = ROWS // GROUP
+    rows = tl.arange(0, ROWS)
+    tok = tile * TOKENS + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < TOKENS * GROUP) & (tok < num_q)
+    flat = (q_start + tok).to(tl.int64) * (GROUP * tl.num_programs(1)) + head  # row of [T*Hq]
+    d = tl.arange(0, BLOCK_D)
+    x = tl.load(ptr + flat[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    return x, tok, row_ok, flat
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr, num_seqs, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per (KV tile of BLOCK keys, kv head); q, k, v, do contiguous; lse, delta [T*Hq].
+    TOKENS: tl.constexpr = BLOCK // GROUP
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    b = _find_seq(pid, cu_ptr, num_seqs, BLOCK)
+    start = tl.load(cu_ptr + b)
+    seq_len = tl.load(cu_ptr + b + 1) - start
+    kv_tile = pid - (start // BLOCK + b)
+    if kv_tile * BLOCK >= seq_len:
+        return
+    kpos = kv_tile * BLOCK + tl.arange(0, BLOCK)
+    kv_ok = kpos < seq_len
+    d = tl.arange(0, BLOCK_D)
+    kv_mask = kv_ok[:, None] & (d[None, :] < HEAD_DIM)
+    kv_offs = ((start + kpos).to(tl.int64) * num_kv_heads + kv_head)[:, None] * HEAD_DIM + d[None, :]
+    k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    # Query tiles that can see this KV tile: from the one holding position kpos[0] to the end.
+    for q_tile in range((kv_tile * BLOCK) // TOKENS, tl.cdiv(seq_len, TOKENS)):
+        q, tok, row_ok, flat = _load_rows(q_ptr, start, q_tile, seq_len, kv_head, GROUP, HEAD_DIM, BLOCK_D, BLOCK)
+        do, _, _, _ = _load_rows(do_ptr, start, q_tile, seq_len, kv_head, GROUP, HEAD_DIM, BLOCK_D, BLOCK)
+        lse2 = tl.load(lse_ptr + flat, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
+        visible = (kpos[:, None] <= tok[None, :]) & kv_ok[:, None] & row_ok[None, :]  # [keys, rows]
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [keys, rows]
+        p_t = tl.where(visible, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    tl.store(dk_ptr + kv_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, num_seqs, qk_scale, sm_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per (query tile of BLOCK rows, kv head).
+    TOKENS: tl.constexpr = BLOCK // GROUP
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    b = _find_seq(pid, cu_ptr, num_seqs, TOKENS)
+    start = tl.load(cu_ptr + b)
+    seq_len = tl.load(cu_ptr + b + 1) - start
+    q_tile = pid - (start // TOKENS + b)
+    if q_tile * TOKENS >= seq_len:
+        return
+    q, tok, row_ok, flat = _load_rows(q_ptr, start, q_tile, seq_len, kv_head, GROUP, HEAD_DIM, BLOCK_D, BLOCK)
+    do, _, _, _ = _load_rows(do_ptr, start, q_tile, seq_len, kv_head, GROUP, HEAD_DIM, BLOCK_D, BLOCK)
+    lse2 = tl.load(lse_ptr + flat, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
+    d = tl.arange(0, BLOCK_D)
+    dq = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    last_tok = tl.minimum(seq_len, (q_tile + 1) * TOKENS) - 1
+    for j in range(0, last_tok // BLOCK + 1):
+        kpos = j * BLOCK + tl.arange(0, BLOCK)
+        kv_ok = kpos < seq_len
+        kv_mask = kv_ok[:, None] & (d[None, :] < HEAD_DIM)
+        kv_offs = ((start + kpos).to(tl.int64) * num_kv_heads + kv_head)[:, None] * HEAD_DIM + d[None, :]
+        k = tl.load(k_ptr + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_offs, mask=kv_mask, other=0.0)
+        visible = (kpos[None, :] <= tok[:, None]) & kv_ok[None, :] & row_ok[:, None]  # [rows, keys]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    tl.store(dq_ptr + flat[:, None] * HEAD_DIM + d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, block_size, stride_kt, stride_vt,
+                     stride_kcb, stride_kco, stride_vcb, stride_vco, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per token: its [Hkv, D] row (contiguous, ROW elements) -> the cache slot.
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // block_size
+    off = slot % block_size
+    offs = tl.arange(0, BLOCK)
+    mask = offs < ROW
+    k = tl.load(k_ptr + t * stride_kt + offs, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs, mask=mask)
+    tl.store(kc_ptr + blk * stride_kcb + off * stride_kco + offs, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + blk * stride_vcb + off * stride_vco + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def _heads_view(t: torch.Tensor) -> torch.Tensor:
+    """[R, H, D] with unit stride on D (copies only if needed)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_heads(q: torch.Tensor, num_kv_heads: int) -> int:
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    if q.dtype not in _FWD:
+        raise ValueError(f"attention: q must be bf16, fp16 or fp32 on GPU, got {q.dtype}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"attention: Hq={num_q_heads} must be a multiple of Hkv={num_kv_heads}")
+    group = num_q_heads // num_kv_heads
+    if group > _BWD[q.dtype][0]:
+        raise ValueError(f"attention: {group} query heads per kv head > {_BWD[q.dtype][0]} is not supported on GPU")
+    if head_dim > 256:
+        raise ValueError(f"attention: head_dim {head_dim} > 256 is not supported on GPU")
+    return group
+
+
+def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scale, paged, lse):
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_rows.shape[1]
+    group = _check_heads(q, num_kv_heads)
+    if k_rows.dtype != q.dtype or v_rows.dtype != q.dtype:
+        raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k_rows.dtype}, {v_rows.dtype}")
+    block_m, block_n, num_warps, precision = _FWD[q.dtype]
+    out = torch.empty_like(q)
+    num_seqs = cu_q.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    tokens_per_tile = block_m // group
+    grid = (triton.cdiv(num_tokens, tokens_per_tile) + num_seqs, num_kv_heads)
+    _fwd_kernel[grid](
+        q, k_rows, v_rows, out, lse if lse is not None else out, cu_q, seq_lens, block_table,
+        num_seqs, scale * _LOG2E, int(paged), block_size,
+        q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, block_table.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        STORE_LSE=lse is not None, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+    return out
+
+
+def attention_varlen_fwd(q, k, v, cu_seqlens, scale: float):
+    """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [B+1] -> (out [T, Hq, D], lse fp32 [T, Hq])."""
+    q, k, v = _heads_view(q), _heads_view(k), _heads_view(v)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    cu = cu_seqlens.to(torch.int32)
+    # seq_lens / block_table are not read in the varlen layout; any int32 tensors do.
+    out = _launch_fwd(q, k, v, cu, cu, cu[None, :], 1, scale, False, lse)
+    return out, lse
+
+
+def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float):
+    """q [T, Hq, D]; caches [NB, BS, Hkv, D]; block_table int [B, MB]; seq_lens [B]; cu_seqlens_q [B+1]."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    if k_cache.stride(-1) != 1 or k_cache.stride(0) != block_size * k_cache.stride(1):
+        raise ValueError("attention_paged: k_cache must be [NB, BS, Hkv, D] with contiguous blocks")
+    if v_cache.stride() != k_cache.stride():
+        raise ValueError("attention_paged: v_cache must have k_cache's strides")
+    k_rows = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    v_rows = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    return _launch_fwd(_heads_view(q), k_rows, v_rows, cu_seqlens_q.to(torch.int32), seq_lens.to(torch.int32),
+                       table.to(torch.int32), block_size, scale, True, None)
+
+
+def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):
+    """-> (dq, dk, dv) in the dtypes of q, k, v; deterministic (no atomics)."""
+    q, k, v, out, grad_out = (t.contiguous() for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = _check_heads(q, num_kv_heads)
+    block, num_warps, precision = _BWD[q.dtype]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    num_seqs = cu_seqlens.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0:
+        return dq, dk, dv
+    cu = cu_seqlens.to(torch.int32)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    delta = torch.empty(num_tokens * num_q_heads, dtype=torch.float32, device=q.device)
+    rows = 32
+    _bwd_delta_kernel[(triton.cdiv(num_tokens * num_q_heads, rows),)](
+        out, grad_out, delta, num_tokens * num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=rows, num_warps=4)
+    meta = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=precision, BLOCK=block,
+                num_warps=num_warps, num_stages=2)
+    args = (num_seqs, scale * _LOG2E, scale)
+    _bwd_dkdv_kernel[(triton.cdiv(num_tokens, block) + num_seqs, num_kv_heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, cu, *args, **meta)
+    _bwd_dq_kernel[(triton.cdiv(num_tokens, block // group) + num_seqs, num_kv_heads)](
+        q, k, v, grad_out, lse, delta, dq, cu, *args, **meta)
+    return dq, dk, dv
+
+
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """In place: cache[s // BS, s % BS] = k[t] (cast to the cache dtype) for s = slot_mapping[t] >= 0."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(-1) != 1 or cache.stride(2) != head_dim:
+            raise ValueError(f"write_kv_cache: {name} must hold each [Hkv, D] slot contiguously")
+    k = k if k.stride(-1) == 1 and k.stride(1) == head_dim else k.contiguous()
+    v = v if v.stride(-1) == 1 and v.stride(1) == head_dim else v.contiguous()
+    if num_tokens == 0:
+        return
+    row = num_kv_heads * head_dim
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, k_cache.shape[1], k.stride(0), v.stride(0),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)
