@@ -122,7 +122,6 @@ async def stop_store(timeout_s: float = 60.0) -> None:
         raise RuntimeError(f"torchstore did not shut down within {timeout_s:.0f} s (are the volume procs gone?)") from None
 
 
-@torch.no_grad()
 async def push_state_dict(state_dict: dict[str, torch.Tensor], version: int) -> None:
     """Trainer side, collective over the trainer world: store `state_dict` as `version`.
 
@@ -150,7 +149,6 @@ async def push_state_dict(state_dict: dict[str, torch.Tensor], version: int) -> 
             await client.delete(key)
 
 
-@torch.no_grad()
 async def pull_state_dict(
     version: int, like: dict[str, torch.Tensor], *, inplace: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -175,13 +173,14 @@ async def pull_state_dict(
         if tuple(target.shape) != shape:
             raise ValueError(f"policy version {version}: {name} has shape {shape} in the store but {tuple(target.shape)} here")
         dest = target if inplace else torch.empty_like(target)
+        # Writes go through detached views: same storage, and legal for Parameters that require grad.
         if isinstance(dest, DTensor):
             # Fetch just this rank's slice into the local shard; works whether the trainer
             # stored a DTensor (resharded) or one plain tensor (sliced).
             spec = Request.from_dtensor(dest).tensor_slice
-            await client.get(param_key(version, name), inplace_tensor=dest.to_local(), tensor_slice_spec=spec)
+            await client.get(param_key(version, name), inplace_tensor=dest.to_local().detach(), tensor_slice_spec=spec)
         else:
-            await client.get(param_key(version, name), inplace_tensor=dest)
+            await client.get(param_key(version, name), inplace_tensor=dest.detach())
         out[name] = dest
     return out
 

@@ -77,10 +77,12 @@ class Generator(Proc):
             like = zeros
         else:
             like = {n: distribute_tensor(t, mesh["tp"], [Shard(1) if t.ndim == 2 else Replicate()]) for n, t in zeros.items()}
+        if inplace:  # as a model's own weights: Parameters that require grad
+            like = {n: torch.nn.Parameter(t) for n, t in like.items()}
         got = await weight_sync.pull_state_dict(version, like, inplace=inplace)
         if inplace:
             assert all(got[n] is like[n] for n in like), "inplace pull must return the receiver's own tensors"
-        return {n: (t.to_local() if hasattr(t, "to_local") else t) for n, t in got.items()}
+        return {n: (t.to_local() if hasattr(t, "to_local") else t).detach() for n, t in got.items()}
 
     @endpoint
     async def push_plain(self, version: int) -> None:
@@ -153,7 +155,7 @@ def test_fsdp_shards_reach_full_and_tp_generators_bitwise(meshes):
     meshes["trainer"].push.call(0).get()
     expected = full_weights(0)
 
-    (full,) = _values(meshes["gen1"].pull.call(0).get())
+    (full,) = _values(meshes["gen1"].pull.call(0, inplace=True).get())
     for name, t in expected.items():
         assert torch.equal(full[name], t), name
 
