@@ -15,14 +15,15 @@ from torch import Tensor
 
 from lockstep.kernels._dispatch import triton_fn
 from lockstep.kernels._math import det_exp, det_log
-from lockstep.kernels._tree import tiled_sum
+from lockstep.kernels._tree import tiled_sum, tree_fold
 
 TILE_KV = 32
 TILE_D = 32  # tile of the q.k dot product over head_dim
 _QUERIES_PER_CHUNK = 128
 
 
-def _attend(q: Tensor, q_seq: Tensor, q_pos: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, scale: float):
+def _attend(q: Tensor, q_seq: Tensor, q_pos: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+            scale: float):
     """The shared core.
 
     q [T, Hq, D]; q_seq, q_pos int64 [T] (sequence index, absolute position);
@@ -43,7 +44,8 @@ def _attend(q: Tensor, q_seq: Tensor, q_pos: Tensor, k_cache: Tensor, v_cache: T
         rows = order[c0 : c0 + _QUERIES_PER_CHUNK]
         n = rows.shape[0]
         pos, seq = q_pos[rows], q_seq[rows]
-        q_t = q[rows].float().reshape(n, num_kv_heads, group, head_dim).permute(3, 0, 1, 2)[..., None]  # [D, n, Hkv, G, 1]
+        q_t = q[rows].float().reshape(n, num_kv_heads, group, head_dim)
+        q_t = q_t.permute(3, 0, 1, 2)[..., None]  # [D, n, Hkv, G, 1]
         m = torch.full((n, num_kv_heads, group), -torch.inf, device=q.device)
         l = torch.zeros(n, num_kv_heads, group, device=q.device)
         acc = torch.zeros(n, num_kv_heads, group, head_dim, device=q.device)
@@ -89,7 +91,8 @@ def _varlen_layout(cu_seqlens: Tensor, num_tokens: int):
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"attention: q [T, Hq, D], k and v [T, Hkv, D] expected, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise ValueError(f"attention: q [T, Hq, D], k and v [T, Hkv, D] expected, got {shapes}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"attention: Hq={q.shape[1]} must be a multiple of Hkv={k.shape[1]}")
 
@@ -98,11 +101,12 @@ def _check_cu(cu_seqlens: Tensor, num_tokens: int, name: str) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"attention: {name} must be int [B+1], got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device.type == "cpu":
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != num_tokens or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        rising = bool((cu_seqlens[1:] >= cu_seqlens[:-1]).all())
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != num_tokens or not rising:
             raise ValueError(f"attention: {name} must rise from 0 to T={num_tokens}, got {cu_seqlens.tolist()}")
 
 
-def attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float):
     """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] -> (out [T, Hq, D], lse fp32 [T, Hq])."""
     if q.shape[0] == 0:
         return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
@@ -123,10 +127,40 @@ def attention_paged_reference(q, k_cache, v_cache, block_table, seq_lens, cu_seq
     return _attend(q, q_seq, q_pos, k_cache, v_cache, block_table, scale)[0]
 
 
+def _tile_grads(q_i, do_i, lse_i, delta_i, k_j, v_j, i0: int, j0: int, scale: float):
+    """Gradients from one KV tile (keys j0..) for one query chunk (positions i0..).
+
+    q_i, do_i [n, Hkv, G, D], lse_i, delta_i [n, Hkv, G], k_j, v_j [tile, Hkv, D]
+    -> dq_i [n, Hkv, G, D], dk_j, dv_j [tile, Hkv, D].
+    """
+    n, num_kv_heads, group, head_dim = q_i.shape
+    tile = k_j.shape[0]
+    zero = torch.zeros((), device=q_i.device)
+    key_pos = torch.arange(j0, j0 + tile, device=q_i.device)
+    visible = (key_pos[None, :] <= torch.arange(i0, i0 + n, device=q_i.device)[:, None])[:, None, None, :]
+    k_t = k_j.permute(2, 1, 0)[:, None, :, None, :]  # [D, 1, Hkv, 1, tile]
+    v_t = v_j.permute(2, 1, 0)[:, None, :, None, :]
+    s = tiled_sum(q_i.permute(3, 0, 1, 2)[..., None] * k_t, dim=0, tile=TILE_D) * scale  # [n, Hkv, G, tile]
+    p = torch.where(visible, det_exp(torch.where(visible, s - lse_i[..., None], zero)), zero)
+    dp = tiled_sum(do_i.permute(3, 0, 1, 2)[..., None] * v_t, dim=0, tile=TILE_D)
+    ds = p * (dp - delta_i[..., None]) * scale
+    # dq_i = sum_j ds_ij k_j ; dk_j = sum_(i,g) ds_ij q_i ; dv_j = sum_(i,g) p_ij dO_i
+    dq_i = tiled_sum(ds.permute(3, 0, 1, 2)[..., None] * k_j[:, None, :, None, :], dim=0, tile=TILE_KV)
+    rows = n * group
+    ds_t = ds.permute(0, 2, 3, 1).reshape(rows, tile, num_kv_heads, 1)  # [(n, G), tile, Hkv, 1]
+    p_t = p.permute(0, 2, 3, 1).reshape(rows, tile, num_kv_heads, 1)
+    q_r = q_i.permute(0, 2, 1, 3).reshape(rows, 1, num_kv_heads, head_dim)
+    do_r = do_i.permute(0, 2, 1, 3).reshape(rows, 1, num_kv_heads, head_dim)
+    dk_j = tiled_sum(ds_t * q_r, dim=0, tile=TILE_KV)
+    dv_j = tiled_sum(p_t * do_r, dim=0, tile=TILE_KV)
+    return dq_i, dk_j, dv_j
+
+
 def attention_varlen_backward_reference(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):
     """Flash-style backward: recompute P per KV tile from lse; fixed-order sums, no atomics.
 
-    Returns (dq, dk, dv) in the dtypes of q, k, v.
+    Memory is bounded by one (query chunk, KV tile) pair. Returns (dq, dk, dv) in the
+    dtypes of q, k, v.
     """
     num_q_heads, head_dim = q.shape[1:]
     num_kv_heads = k.shape[1]
@@ -135,33 +169,25 @@ def attention_varlen_backward_reference(grad_out, q, k, v, out, lse, cu_seqlens,
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     cu = cu_seqlens.long().tolist()
-    zero = torch.zeros((), device=q.device)
     for start, end in zip(cu[:-1], cu[1:]):
         seq_len = end - start
         qs = q[start:end].float().reshape(seq_len, num_kv_heads, group, head_dim)
         dos = grad_out[start:end].float().reshape(qs.shape)
         lses = lse[start:end].reshape(seq_len, num_kv_heads, group)
-        # delta_i = sum_d dO_i * O_i (fixed tiles over D)
         delta = tiled_sum((dos * out[start:end].float().reshape(qs.shape)).movedim(-1, 0), dim=0, tile=TILE_D)
         for j0 in range(0, seq_len, TILE_KV):
             j1 = min(j0 + TILE_KV, seq_len)
-            k_j = k[start + j0 : start + j1].float()  # [tile, Hkv, D]
-            v_j = v[start + j0 : start + j1].float()
-            # Queries before the tile see none of it.
-            q_i, do_i, lse_i, delta_i = qs[j0:], dos[j0:], lses[j0:], delta[j0:]
-            visible = torch.arange(j0, j1, device=q.device)[None, :] <= torch.arange(j0, seq_len, device=q.device)[:, None]
-            vis = visible[:, None, None, :]  # [n, 1, 1, tile]
-            s = tiled_sum(q_i.permute(3, 0, 1, 2)[..., None] * k_j.permute(2, 1, 0)[:, None, :, None, :], dim=0, tile=TILE_D) * scale
-            p = torch.where(vis, det_exp(torch.where(vis, s - lse_i[..., None], zero)), zero)  # [n, Hkv, G, tile]
-            dp = tiled_sum(do_i.permute(3, 0, 1, 2)[..., None] * v_j.permute(2, 1, 0)[:, None, :, None, :], dim=0, tile=TILE_D)
-            ds = p * (dp - delta_i[..., None]) * scale  # [n, Hkv, G, tile]
-            # dq_i += sum_j ds_ij k_j ; dk_j = sum_{i,g} ds_ij q_i ; dv_j = sum_{i,g} p_ij dO_i
-            dq[start + j0 : end] += tiled_sum(ds.permute(3, 0, 1, 2)[..., None] * k_j[:, None, :, None, :], dim=0, tile=TILE_KV).reshape(-1, num_q_heads, head_dim)
-            rows = ds.shape[0] * group
-            ds_t = ds.permute(0, 2, 3, 1).reshape(rows, -1, num_kv_heads, 1)  # [(n,G), tile, Hkv, 1]
-            p_t = p.permute(0, 2, 3, 1).reshape(rows, -1, num_kv_heads, 1)
-            dk[start + j0 : start + j1] = tiled_sum(ds_t * q_i.permute(0, 2, 1, 3).reshape(rows, 1, num_kv_heads, head_dim), dim=0, tile=TILE_KV)
-            dv[start + j0 : start + j1] = tiled_sum(p_t * do_i.permute(0, 2, 1, 3).reshape(rows, 1, num_kv_heads, head_dim), dim=0, tile=TILE_KV)
+            k_j, v_j = k[start + j0 : start + j1].float(), v[start + j0 : start + j1].float()
+            dk_parts, dv_parts = [], []
+            for i0 in range(j0, seq_len, _QUERIES_PER_CHUNK):  # earlier queries see none of the tile
+                i1 = min(i0 + _QUERIES_PER_CHUNK, seq_len)
+                rows = slice(i0, i1)
+                dq_i, dk_j, dv_j = _tile_grads(qs[rows], dos[rows], lses[rows], delta[rows], k_j, v_j, i0, j0, scale)
+                dq[start + i0 : start + i1] += dq_i.reshape(-1, num_q_heads, head_dim)
+                dk_parts.append(dk_j)
+                dv_parts.append(dv_j)
+            dk[start + j0 : start + j1] = tree_fold(dk_parts)
+            dv[start + j0 : start + j1] = tree_fold(dv_parts)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -211,10 +237,12 @@ _attention_varlen_op.register_autograd(_backward, setup_context=_setup)
 
 @torch.library.custom_op("lockstep::attention_paged", mutates_args=())
 def _attention_paged_op(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, cu_seqlens_q: Tensor, scale: float
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, cu_seqlens_q: Tensor,
+    scale: float,
 ) -> Tensor:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[-1] != q.shape[-1]:
-        raise ValueError(f"attention_paged: k_cache and v_cache must be [NB, BS, Hkv, D={q.shape[-1]}], got {tuple(k_cache.shape)}")
+        want = f"[NB, BS, Hkv, D={q.shape[-1]}]"
+        raise ValueError(f"attention_paged: k_cache and v_cache must be {want}, got {tuple(k_cache.shape)}")
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"attention_paged: Hq={q.shape[1]} must be a multiple of Hkv={k_cache.shape[2]}")
     _check_cu(cu_seqlens_q, q.shape[0], "cu_seqlens_q")

@@ -21,7 +21,8 @@ def write_kv_cache_reference(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Ten
 def _write_kv_cache_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k.shape != v.shape or k.shape[1:] != k_cache.shape[2:]:
         raise ValueError(
-            f"write_kv_cache: k, v [T, Hkv, D] and caches [NB, BS, Hkv, D] disagree: {tuple(k.shape)} vs {tuple(k_cache.shape)}"
+            "write_kv_cache: k, v [T, Hkv, D] and caches [NB, BS, Hkv, D] disagree: "
+            f"{tuple(k.shape)} vs {tuple(k_cache.shape)}"
         )
     if slot_mapping.shape != k.shape[:1]:
         raise ValueError(f"write_kv_cache: slot_mapping must be [T={k.shape[0]}], got {tuple(slot_mapping.shape)}")

@@ -60,7 +60,8 @@ def _check(q: Tensor, k: Tensor, positions: Tensor, cache: Tensor) -> None:
     if cache.dim() != 2 or cache.shape[1] != q.shape[-1]:
         raise ValueError(f"rope: cos_sin_cache must be [max_positions, {q.shape[-1]}] (build it with rope_cache)")
     if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= cache.shape[0]:
-        raise ValueError(f"rope: position {int(positions.max())} >= cache rows {cache.shape[0]}; build a larger rope_cache")
+        top = int(positions.max())
+        raise ValueError(f"rope: position {top} >= cache rows {cache.shape[0]}; build a larger rope_cache")
 
 
 @torch.library.custom_op("lockstep::rope", mutates_args=())
