@@ -440,7 +440,7 @@ class Trainer:
         if self.dp_rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
-        dcp.save(self._checkpoint_state(), checkpoint_id=tmp)
+        dcp.save(self._checkpoint_state(), checkpoint_id=tmp, **self._dcp_group())
         self._barrier()
         if self.dp_rank == 0:
             shutil.rmtree(old, ignore_errors=True)
@@ -454,7 +454,12 @@ class Trainer:
         path = os.path.abspath(path)
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise ValueError(f"no trainer checkpoint at {path} (no .metadata): pass a dir written by save()")
-        dcp.load(self._checkpoint_state(), checkpoint_id=path)
+        dcp.load(self._checkpoint_state(), checkpoint_id=path, **self._dcp_group())
+
+    def _dcp_group(self) -> dict:
+        if self.dp_size == 1:
+            return {"no_dist": True}
+        return {"process_group": self.dp_mesh.get_group()}
 
     def _barrier(self) -> None:
         if self.dp_size > 1:

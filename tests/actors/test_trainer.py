@@ -248,3 +248,47 @@ def test_fsdp_two_ranks_match_single_process(model_cfg, tmp_path):
     resumed.load(str(tmp_path / "ckpt"))
     assert resumed.version == 1
     assert all(torch.equal(x, y) for x, y in zip(resumed.logprobs(samples, TEMPERATURE), results[0]["after"]))
+
+
+# --- the Monarch actor ------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # spawns the local-cpu trainer mesh (2 procs) and a torchstore: ~1 min
+def test_trainer_actor_on_the_local_cpu_mesh(model_cfg):
+    from lockstep.actors import weight_sync
+    from lockstep.actors.trainer import TrainerActor
+    from lockstep.controller.mesh_config import load_mesh_config
+    from lockstep.controller.meshes import Meshes
+
+    samples = make_samples(num_prompts=2, num_per_prompt=2)
+    expected = Trainer(model_cfg, TrainerConfig()).logprobs(samples, TEMPERATURE)
+
+    def by_rank(value_mesh):
+        return [v for _, v in sorted(value_mesh.items(), key=lambda item: item[0].rank)]
+
+    async def run():
+        async with Meshes(load_mesh_config("local-cpu")) as meshes:
+            layout = meshes.layout("trainer")
+            assert layout.num_procs == 2
+            trainer = await meshes.spawn_role("trainer", TrainerActor, model_cfg, TrainerConfig(), layout)
+            await weight_sync.start_store(await meshes.procs("trainer"))
+            try:
+                per_rank = by_rank(await trainer.logprobs.call(samples, TEMPERATURE))
+                for logprobs in per_rank:
+                    assert all(torch.equal(x, y) for x, y in zip(logprobs, expected))
+                for s, lp in zip(samples, per_rank[0]):
+                    s.logprobs = lp
+                for s, r in zip(samples, [1.0, 0.0, 0.0, 1.0]):
+                    s.reward = r
+                assign_advantages(samples)
+                metrics = by_rank(await trainer.train_step.call(TrainBatch(samples=samples, temperature=TEMPERATURE)))
+                assert metrics[0] == metrics[1] and metrics[0]["ratio_mean"] == 1.0
+                assert by_rank(await trainer.version.call()) == [1, 1]
+                await trainer.push_weights.call(1)
+                assert await weight_sync.latest_version() == 1
+                with pytest.raises(Exception, match="weights are at version 1"):
+                    await trainer.push_weights.call(2)
+            finally:
+                await weight_sync.stop_store()
+
+    asyncio.run(run())
