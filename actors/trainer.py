@@ -194,11 +194,15 @@ def build_scorer(model_cfg, device: torch.device) -> _Scorer:
 
         path = checkpoint_path(model_cfg)
         config = Qwen3Config.from_hf(path)
-        with torch.device(device):
+        with torch.device("meta"):
             model = TitanQwen3Model(titan_model_args(config))
+        # Allocate without random init; to_empty unties a tied lm_head, so tie again.
+        model = model.to_empty(device=device).to(model_cfg.torch_dtype)
+        if config.tie_word_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        with torch.device(device):
+            model.rope_cache = model._precompute_rope_cache()  # fp32, as TorchTitan keeps it
         model.load_state_dict(from_hf(read_safetensors(path), config), strict=True)
-        model.to(model_cfg.torch_dtype)
-        model.rope_cache = model.rope_cache.float()  # TorchTitan keeps it fp32
         return _Scorer(model, "stock", config)
     raise ValueError(f"model.impl={model_cfg.impl!r}: must be 'lockstep' or 'stock'")
 
