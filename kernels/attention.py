@@ -122,6 +122,9 @@ def attention_paged_reference(q, k_cache, v_cache, block_table, seq_lens, cu_seq
     num_new = cu[1:] - cu[:-1]
     if bool((num_new > seq_lens.long()).any()):
         raise ValueError("attention_paged: a sequence has more new tokens than seq_lens; seq_lens must include them")
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    if int(seq_lens.max()) > capacity:
+        raise ValueError(f"attention_paged: seq_lens up to {int(seq_lens.max())} but block_table holds {capacity} slots")
     q_seq = torch.repeat_interleave(torch.arange(num_new.shape[0], device=q.device), num_new)
     q_pos = torch.arange(q.shape[0], device=q.device) - cu[:-1][q_seq] + (seq_lens.long() - num_new)[q_seq]
     return _attend(q, q_seq, q_pos, k_cache, v_cache, block_table, scale)[0]

@@ -151,6 +151,8 @@ def test_bad_input_names_the_fix():
     cache = torch.zeros(2, 4, 2, 32)
     with pytest.raises(ValueError, match="seq_lens must include them"):
         attention_paged(q[:, :2], cache, cache, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([2]), _cu([4]), 1.0)
+    with pytest.raises(ValueError, match="block_table holds 8 slots"):
+        attention_paged(q[:, :2], cache, cache, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([9]), _cu([4]), 1.0)
 
 
 def test_opcheck():
