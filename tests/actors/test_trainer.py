@@ -149,8 +149,8 @@ def test_bad_batches_and_versions(model_cfg):
 
 def test_save_load_resumes_exactly(model_cfg, tmp_path):
     cfg = TrainerConfig(lr=1e-2, warmup_steps=2, micro_batch_size=3)
-    samples = make_samples()
-    rewards = [float(i % 3) for i in range(len(samples))]
+    samples = make_samples(num_prompts=2, num_per_prompt=2)
+    rewards = [0.0, 1.0, 2.0, 0.0]
 
     def step(trainer):
         return trainer.train_step(TrainBatch(samples=on_policy(trainer, samples, rewards), temperature=TEMPERATURE))
@@ -162,14 +162,16 @@ def test_save_load_resumes_exactly(model_cfg, tmp_path):
     a.save(str(ckpt))  # overwriting a checkpoint replaces it whole
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     saved_logprobs = a.logprobs(samples, TEMPERATURE)
-    a_metrics = [step(a), step(a)]
+    a_metrics = step(a)
 
     b = Trainer(model_cfg, cfg)
     b.load(str(ckpt))
     assert b.version == 1 and b.step == 1
     assert all(torch.equal(x, y) for x, y in zip(saved_logprobs, b.logprobs(samples, TEMPERATURE)))
-    # weights, Adam moments and the warmup position all came back: the next steps match
-    assert [step(b), step(b)] == a_metrics
+    # weights, Adam moments and the warmup position (lr) all came back: the next step matches,
+    # metrics and resulting weights
+    b_metrics = step(b)
+    assert b_metrics == a_metrics and a_metrics["lr"] == cfg.lr
     assert all(torch.equal(x, y) for x, y in zip(a.logprobs(samples, TEMPERATURE), b.logprobs(samples, TEMPERATURE)))
     with pytest.raises(ValueError, match="no trainer checkpoint"):
         b.load(str(tmp_path / "missing"))
