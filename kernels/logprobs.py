@@ -19,6 +19,12 @@ TILE_V = 256
 _MAX_CHUNK_NUMEL = 1 << 22  # logits held in fp32 at once
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """logits.float() / temperature, a true division on every device (CUDA turns division by a
+    Python scalar into multiplication by its reciprocal; by a device tensor it does not)."""
+    return logits.float() / torch.full((), temperature, dtype=torch.float32, device=logits.device)
+
+
 def _shift_and_log_sum(z: Tensor) -> tuple[Tensor, Tensor]:
     """z [R, V] fp32 -> (z - m [R, V], log(sum exp(z - m)) [R, 1])."""
     shifted = z - z.amax(dim=-1, keepdim=True)
@@ -36,7 +42,7 @@ def log_softmax_reference(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """logits [T, V] -> fp32 [T, V]."""
     out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     for r0, r1 in _row_chunks(*logits.shape):
-        shifted, log_sum = _shift_and_log_sum(logits[r0:r1].float() / temperature)
+        shifted, log_sum = _shift_and_log_sum(_scaled(logits[r0:r1], temperature))
         out[r0:r1] = shifted - log_sum
     return out
 
@@ -45,7 +51,7 @@ def token_logprobs_reference(logits: Tensor, ids: Tensor, temperature: float = 1
     """logits [T, V], ids int [T] -> fp32 [T]; equals log_softmax(...)[t, ids[t]] bit for bit."""
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for r0, r1 in _row_chunks(*logits.shape):
-        shifted, log_sum = _shift_and_log_sum(logits[r0:r1].float() / temperature)
+        shifted, log_sum = _shift_and_log_sum(_scaled(logits[r0:r1], temperature))
         picked = shifted.gather(1, ids[r0:r1, None].long())
         out[r0:r1] = (picked - log_sum)[:, 0]
     return out
@@ -61,7 +67,7 @@ def token_logprobs_backward_reference(grad: Tensor, logits: Tensor, ids: Tensor,
     """d/dlogits of sum(grad * logp[t, ids[t]]): (onehot - softmax) * grad / temperature."""
     out = torch.empty_like(logits)
     for r0, r1 in _row_chunks(*logits.shape):
-        shifted, log_sum = _shift_and_log_sum(logits[r0:r1].float() / temperature)
+        shifted, log_sum = _shift_and_log_sum(_scaled(logits[r0:r1], temperature))
         g = grad[r0:r1, None].float()
         gz = -(det_exp(shifted - log_sum) * g)
         onehot = torch.zeros_like(gz, dtype=torch.bool).scatter_(1, ids[r0:r1, None].long(), True)

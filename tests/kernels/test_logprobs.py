@@ -39,8 +39,10 @@ def test_temperature_is_a_true_division_of_the_fp32_logits():
     logits = torch.randn(8, 300).bfloat16()
     ids = torch.randint(0, 300, (8,))
     for temperature in (0.7, 1.0, 3.0):
-        scaled = logits.float() / temperature
+        # As vLLM's sampler: divide by a per-row fp32 temperature tensor.
+        scaled = logits.float() / torch.full((8, 1), temperature, dtype=torch.float32)
         assert torch.equal(token_logprobs(logits, ids, temperature), token_logprobs(scaled, ids, 1.0))
+        assert torch.equal(log_softmax(logits, temperature), log_softmax(scaled))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])

@@ -58,3 +58,10 @@ def test_reference_attention_paged_equals_varlen_on_cuda(no_triton):
     last = torch.tensor([6, 56], device="cuda")
     decode = K.attention_paged(q[last], k_cache, v_cache, table, torch.tensor(lens, device="cuda"), _cu([1, 1]), 0.125)
     assert torch.equal(decode, full[last])
+
+
+def test_reference_temperature_is_a_true_division_on_cuda(no_triton):
+    logits = torch.randn(16, 500, device="cuda")
+    ids = torch.randint(0, 500, (16,), device="cuda")
+    scaled = logits / torch.full((16, 1), 0.7, device="cuda")  # vLLM's sampler
+    assert torch.equal(K.token_logprobs(logits, ids, 0.7), K.token_logprobs(scaled, ids, 1.0))
