@@ -2,22 +2,27 @@
 
 The arithmetic of one output element is fixed by K and the dtype alone (never by M, the grid,
 the strides, or a run):
-  * K is cut into `num_chains(K)` equal chains (1 or 2). Inside a chain, BLOCK_K-wide slices are
-    accumulated in increasing k by `tl.dot` into an fp32 accumulator that starts at zero.
-  * Two chain partials are added once: c0 + c1 (the top node of README.md's balanced tree).
-So a half-K shard (tensor parallel 2) computes exactly one chain, and adding the two shard
-results gives the unsplit result bit for bit. The GPU does not walk the TILE_K=32 tree of the
-CPU reference further down: every pending node of that tree is a 128x128 fp32 tile held in
-registers, and a third one already spills inside the k loop (checked with ptxas for sm_90).
+  * K is cut into `num_chains(K)` equal chains (1, 2 or 4). Inside a chain, BLOCK_K-wide slices
+    are accumulated in increasing k by `tl.dot` into an fp32 accumulator that starts at zero.
+  * The chain partials are added in README.md's balanced tree: c0+c1, (c0+c1)+(c2+c3).
+num_chains(K) = 2**min(2, number of factors 2 in K/1024) (1 if 1024 does not divide K). When
+K/1024 has at most two factors 2 (Qwen3: K = 2048, 4096, 6144, 12288), a shard of K/S columns
+(S = 2 or 4, S <= num_chains) has num_chains/S chains of the same length, i.e. it computes
+exactly a subtree, so `tree_combine` of the S shard partials equals the unsplit result bit for
+bit (tensor parallel over K). The GPU does not walk the TILE_K=32 tree of the CPU reference
+all the way down: each pending node of that tree is a 128x128 fp32 tile, and a third one held in
+registers already spills inside the k loop (ptxas, sm_90); with 4 chains, c0+c1 waits in a
+per-program scratch tile instead.
 
 What M changes is only who computes what: with few output tiles (decode) each chain runs in its
-own program and writes an fp32 partial, and a second kernel adds the two; with many tiles one
-program walks both chains and adds them in registers. Loads go through TMA when the operands'
+own program and writes an fp32 partial, and a second kernel adds them in the same tree; with many
+tiles persistent programs walk all chains of a tile. Loads go through TMA when the operands'
 layout allows it (K-major or transposed views, 16-byte aligned), else through pointers. None of
 these choices changes a bit of the result (tests/kernels/test_triton_linear.py checks it).
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -34,14 +39,20 @@ _CONFIGS = {
     torch.float16: (128, 128, 64, 8),
     torch.float32: (64, 64, 32, 8),  # exact fp32 products (ieee), used by tests and fp32 models
 }
-# A chain is a multiple of this many columns; K must be a multiple of 2 * CHAIN_UNIT for 2 chains.
-CHAIN_UNIT = 1024
-MAX_CHAINS = 2
+CHAIN_UNIT = 1024  # a chain is a multiple of this many columns
+MAX_CHAINS = 4
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # CPU interpreter: no inline asm
+_MAX_PARK_BYTES = 256 << 20  # scratch for c0+c1 with 4 chains (one fp32 tile per output tile)
 
 
 def num_chains(k: int) -> int:
-    """Chains K is cut into: 2 when K is a multiple of 2 * CHAIN_UNIT, else 1."""
-    return MAX_CHAINS if k % (MAX_CHAINS * CHAIN_UNIT) == 0 else 1
+    """The largest power of two <= MAX_CHAINS dividing K / CHAIN_UNIT (1 if CHAIN_UNIT does not divide K)."""
+    if k % CHAIN_UNIT:
+        return 1
+    n, chains = k // CHAIN_UNIT, 1
+    while chains < MAX_CHAINS and n % (2 * chains) == 0:
+        chains *= 2
+    return chains
 
 
 @functools.cache
@@ -50,30 +61,27 @@ def _num_sms(device_index: int) -> int:
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _tile_ids(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped raster over output tiles so neighbouring programs share operand tiles in L2.
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
+    pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 
 @triton.jit
-def _chain(x, w, x_ptrs, w_ptrs, off_m, off_n, k_start, num_k_tiles, K, mask_m, mask_n,
-           stride_xk, stride_wk, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, X_T: tl.constexpr,
-           W_T: tl.constexpr, PRECISION: tl.constexpr,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One chain: fp32 sum over BLOCK_K slices in increasing k, starting from zero.
-    offs_k = tl.arange(0, BLOCK_K)
+def _chain(x, w, off_m, off_n, k_start, num_k_tiles, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+           EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, X_T: tl.constexpr, W_T: tl.constexpr,
+           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One chain: the fp32 sum over BLOCK_K slices k_start, k_start + BLOCK_K, ... starting from zero."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(num_k_tiles):
-        k = k_start + t * BLOCK_K
-        if USE_TMA:  # out-of-bounds rows/columns of a box read as zeros
+    if USE_TMA:  # out-of-bounds rows/columns of a box read as zeros
+        for t in range(num_k_tiles):
+            k = k_start + t * BLOCK_K
             if X_T:
                 a = x.load([k, off_m]).T
             else:
@@ -82,27 +90,50 @@ def _chain(x, w, x_ptrs, w_ptrs, off_m, off_n, k_start, num_k_tiles, K, mask_m, 
                 b = w.load([k, off_n])
             else:
                 b = w.load([off_n, k]).T
-        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        ks = (offs_k + k_start).to(tl.int64)
+        x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
+        w_ptrs = w + offs_n[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+        for t in range(num_k_tiles):
             if EVEN_K:
                 a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
                 b = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
             else:
-                k_left = K - k
+                k_left = K - k_start - t * BLOCK_K
                 a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
                 b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
+def _store_tile(out_ptr, acc, off_m, off_n, M, N, stride_om, bias_ptr, HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # out is row-major with unit column stride; in-tile offsets stay 32-bit (fewer registers).
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    if HAS_BIAS:  # added once, after the tree, in fp32
+        acc = acc + tl.load(bias_ptr + off_n + cols, mask=cols < N - off_n, other=0.0).to(tl.float32)[None, :]
+    base = out_ptr + off_m.to(tl.int64) * stride_om + off_n
+    mask = (rows[:, None] < M - off_m) & (cols[None, :] < N - off_n)
+    tl.store(base + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _linear_kernel(
-    x, w, bias_ptr, out_ptr,
+    x, w, bias_ptr, out_ptr, scratch_ptr,
     M, N, K, chain_k,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_oc, stride_om, stride_on,
-    NUM_CHAINS: tl.constexpr,  # chains K is cut into (1 or 2)
-    SPLIT: tl.constexpr,  # one program per chain (program_id(1)); writes an fp32 partial
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_oc, stride_om,
+    NUM_CHAINS: tl.constexpr,  # chains K is cut into (1, 2 or 4)
+    SPLIT: tl.constexpr,  # one program per (tile, chain = program_id(1)); writes fp32 partials
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask (pointer loads only)
     USE_TMA: tl.constexpr,  # x, w are tensor descriptors (else plain pointers with strides)
@@ -111,58 +142,63 @@ def _linear_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    offs_n = off_n + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    if SPLIT:
-        chain = tl.program_id(1)
-        k_start = chain * chain_k
-        num_k_tiles = chain_k // BLOCK_K
-    else:
-        chain = 0
-        k_start = 0
-        num_k_tiles = tl.cdiv(K, BLOCK_K)
     tiles_per_chain = chain_k // BLOCK_K
-    x_ptrs = 0  # unused with TMA
-    w_ptrs = 0
-    if not USE_TMA:
-        x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k).to(tl.int64)[None, :] * stride_xk
-        w_ptrs = w + offs_n[None, :].to(tl.int64) * stride_wn + (k_start + offs_k).to(tl.int64)[:, None] * stride_wk
-
-    if SPLIT or NUM_CHAINS == 1:
-        acc = _chain(x, w, x_ptrs, w_ptrs, off_m, off_n, k_start, num_k_tiles, K, mask_m, mask_n,
-                     stride_xk, stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:  # both chains here, added as the tree says
-        acc = _chain(x, w, x_ptrs, w_ptrs, off_m, off_n, 0, tiles_per_chain, K, mask_m, mask_n,
-                     stride_xk, stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        half = chain_k.to(tl.int64)
-        acc += _chain(x, w, x_ptrs + half * stride_xk, w_ptrs + half * stride_wk, off_m, off_n,
-                      chain_k, tiles_per_chain, K, mask_m, mask_n,
-                      stride_xk, stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-
     if SPLIT:
-        out_ptr += chain.to(tl.int64) * stride_oc
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT:
-        tl.store(out_ptrs, acc, mask=mask)  # fp32 chain partial
-    else:
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        off_m, off_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        chain = tl.program_id(1)
+        acc = _chain(x, w, off_m, off_n, chain * chain_k, tiles_per_chain, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                     EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        _store_tile(out_ptr + chain.to(tl.int64) * stride_oc, acc, off_m, off_n, M, N, stride_om,
+                    bias_ptr, False, BLOCK_M, BLOCK_N)
+    else:  # one tile per program, all its chains, folded as the tree says
+        tile = tl.program_id(0)
+        off_m, off_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if NUM_CHAINS == 1:
+            acc = _chain(x, w, off_m, off_n, 0, tl.cdiv(K, BLOCK_K), M, N, K, stride_xm, stride_xk, stride_wn,
+                         stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            acc = _chain(x, w, off_m, off_n, 0, tiles_per_chain, M, N, K, stride_xm, stride_xk, stride_wn,
+                         stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc += _chain(x, w, off_m, off_n, chain_k, tiles_per_chain, M, N, K, stride_xm, stride_xk, stride_wn,
+                          stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            if NUM_CHAINS == 4:
+                # c0+c1 waits in this tile's scratch: a third live 128x128 fp32 tile spills in the k loop.
+                _park(scratch_ptr, tile, acc, False, BLOCK_M, BLOCK_N)
+                hi = _chain(x, w, off_m, off_n, 2 * chain_k, tiles_per_chain, M, N, K, stride_xm, stride_xk,
+                            stride_wn, stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                hi += _chain(x, w, off_m, off_n, 3 * chain_k, tiles_per_chain, M, N, K, stride_xm, stride_xk,
+                             stride_wn, stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                tl.debug_barrier()  # parked by other threads
+                acc = _park(scratch_ptr, tile, hi, True, BLOCK_M, BLOCK_N) + hi
+        _store_tile(out_ptr, acc, off_m, off_n, M, N, stride_om, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _combine_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_pc, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    # part [2, M, N] fp32 contiguous -> out [M, N] = c0 + c1 (+ bias), as _linear_kernel adds them.
+def _park(scratch_ptr, tile, acc, LOAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          INTERPRET: tl.constexpr = _INTERPRET):
+    """Store acc to (or load a tile like it from) this tile's [BLOCK_M, BLOCK_N] fp32 scratch."""
+    # The opaque move keeps the compiler from computing the addresses once for both calls and
+    # holding them (128 registers) across the two chains in between.
+    if not INTERPRET:
+        tile = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tile], dtype=tl.int32, is_pure=False, pack=1)
+    base = scratch_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
+    ptrs = base + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    if LOAD:
+        return tl.load(ptrs)
+    tl.store(ptrs, acc)
+    return acc
+
+
+@triton.jit
+def _combine_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_pc,
+                    NUM_CHAINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    # part [NUM_CHAINS, M, N] fp32 contiguous -> out [M, N], the tree of _linear_kernel (+ bias).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.load(part_ptr + offs, mask=mask, other=0.0) + tl.load(part_ptr + stride_pc + offs, mask=mask, other=0.0)
+    if NUM_CHAINS == 4:
+        hi = tl.load(part_ptr + 2 * stride_pc + offs, mask=mask, other=0.0)
+        acc = acc + (hi + tl.load(part_ptr + 3 * stride_pc + offs, mask=mask, other=0.0))
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -189,8 +225,8 @@ def _tma_view(t: torch.Tensor, block_rows: int, block_k: int):
     return None
 
 
-def _launch(x2d, w, bias, out_dtype, split=None, use_tma=None):
-    """The private knobs `split` / `use_tma` (None = automatic) exist for tests and benchmarks."""
+def _launch(x2d, w, bias, out_dtype, split=None, use_tma=None, num_stages=None):
+    """The private knobs (None = automatic) exist for tests and benchmarks; none changes the bits."""
     _check(x2d, w)
     M, K = x2d.shape
     N = w.shape[0]
@@ -205,34 +241,47 @@ def _launch(x2d, w, bias, out_dtype, split=None, use_tma=None):
     if split is None:  # only the grid depends on M; the bits do not
         split = num_tiles <= _num_sms(x2d.device.index or 0) // 2
     split = split and chains > 1
+    meta = dict(NUM_CHAINS=chains, EVEN_K=K % block_k == 0,
+                PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                num_warps=num_warps, num_stages=num_stages or (5 if split else 3))
+    bias_arg = bias if bias is not None else out
+    if split:
+        part = torch.empty((chains, M, N), device=x2d.device, dtype=torch.float32)
+        xa, wa, tma = _operands(x2d, w, use_tma, block_m, block_n, block_k)
+        _linear_kernel[(num_tiles, chains)](
+            xa, wa, bias_arg, part, part, M, N, K, K // chains, x2d.stride(0), x2d.stride(1), w.stride(0),
+            w.stride(1), part.stride(0), part.stride(1), SPLIT=True, HAS_BIAS=False, **tma, **meta)
+        block = 1024
+        _combine_kernel[(triton.cdiv(M * N, block),)](
+            part, bias_arg, out, M, N, part.stride(0), NUM_CHAINS=chains, HAS_BIAS=bias is not None, BLOCK=block,
+            num_warps=4)
+        return out
+    # With 4 chains every tile parks an fp32 tile in scratch: bound it by launching row slabs.
+    rows = M if chains < 4 else max(block_m, _MAX_PARK_BYTES // (4 * N) // block_m * block_m)
+    scratch = out
+    if chains == 4:
+        scratch = torch.empty((triton.cdiv(min(rows, M), block_m) * triton.cdiv(N, block_n), block_m * block_n),
+                              device=x2d.device, dtype=torch.float32)
+    for m0 in range(0, M, rows):
+        xs, outs = x2d[m0 : m0 + rows], out[m0 : m0 + rows]
+        ms = xs.shape[0]
+        xa, wa, tma = _operands(xs, w, use_tma, block_m, block_n, block_k)
+        _linear_kernel[(triton.cdiv(ms, block_m) * triton.cdiv(N, block_n), 1)](
+            xa, wa, bias_arg, outs, scratch, ms, N, K, K // chains, xs.stride(0), xs.stride(1), w.stride(0),
+            w.stride(1), 0, outs.stride(0), SPLIT=False, HAS_BIAS=bias is not None, **tma, **meta)
+    return out
+
+
+def _operands(x2d, w, use_tma, block_m, block_n, block_k):
+    """-> (x arg, w arg, TMA flags): descriptors when both operands allow TMA, else the tensors."""
     x_tma = _tma_view(x2d, block_m, block_k) if use_tma is not False else None
     w_tma = _tma_view(w, block_n, block_k) if use_tma is not False else None
-    tma = x_tma is not None and w_tma is not None
-    if use_tma and not tma:
-        raise ValueError("linear: use_tma=True but an operand is not 16-byte aligned / K-major")
-    bias_arg = bias if bias is not None else out
-    common = dict(
-        NUM_CHAINS=chains, EVEN_K=K % block_k == 0, USE_TMA=tma,
-        X_T=tma and x_tma[1], W_T=tma and w_tma[1],
-        PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        num_warps=num_warps, num_stages=5 if split else 3)
-    xa = x_tma[0] if tma else x2d
-    wa = w_tma[0] if tma else w
-    strides = (x2d.stride(0), x2d.stride(1), w.stride(0), w.stride(1))
-    if not split:
-        _linear_kernel[(num_tiles, 1)](
-            xa, wa, bias_arg, out, M, N, K, K // chains, *strides, 0, out.stride(0), out.stride(1),
-            SPLIT=False, HAS_BIAS=bias is not None, **common)
-        return out
-    part = torch.empty((chains, M, N), device=x2d.device, dtype=torch.float32)
-    _linear_kernel[(num_tiles, chains)](
-        xa, wa, bias_arg, part, M, N, K, K // chains, *strides, part.stride(0), part.stride(1), part.stride(2),
-        SPLIT=True, HAS_BIAS=False, **common)
-    block = 1024
-    _combine_kernel[(triton.cdiv(M * N, block),)](
-        part, bias_arg, out, M, N, part.stride(0), HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
-    return out
+    if x_tma is None or w_tma is None:
+        if use_tma:
+            raise ValueError("linear: use_tma=True but an operand is not 16-byte aligned / K-major")
+        return x2d, w, dict(USE_TMA=False, X_T=False, W_T=False)
+    return x_tma[0], w_tma[0], dict(USE_TMA=True, X_T=x_tma[1], W_T=w_tma[1])
 
 
 def linear_partial(x2d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
