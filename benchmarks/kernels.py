@@ -210,29 +210,35 @@ def main():
     parser.add_argument("--ops", default="linear,attention,small")
     parser.add_argument("--models", default="1.7B,8B")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--out", default=None, help="also write the tables to this file")
+    parser.add_argument("--out", default=None, help="also append the tables to this file, each as it is done")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs an NVIDIA GPU")
     models = args.models.split(",")
     head = (f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | command: python {' '.join(sys.argv)}")
-    print(head, flush=True)
-    tables = []
+
+    def emit(text):
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text + "\n")
+
+    emit(head)
     ops = args.ops.split(",")
     benches = [("linear", bench_linear), ("attention", bench_attention), ("small", bench_small)]
     for op, fn in benches:
-        if op in ops:
-            fn(models, tables)
-            print(tables[-1].render(), flush=True)
+        if op not in ops:
+            continue
+        for group in [[m] for m in models] if op != "small" else [models]:
+            tables = []
+            fn(group, tables)
+            for t in tables:
+                emit(t.render())
     if args.sweep:
+        tables = []
         sweep_linear(tables)
-        print(tables[-1].render(), flush=True)
-    text = head + "\n" + "\n".join(t.render() for t in tables) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+        emit(tables[0].render())
 
 
 if __name__ == "__main__":
