@@ -1,0 +1,179 @@
+"""GeneratorConfig, the vLLM engine arguments, output conversion, and GeneratorActor on a
+real Monarch proc mesh pulling weights through torchstore (the last one is slow).
+
+The engine-level claims (bitwise parity with the trainer, batch invariance, in-place reload
+equal to a fresh engine, impl=stock) are in tests/models/test_vllm_qwen3.py.
+"""
+
+import asyncio
+import shutil
+import sys
+from types import SimpleNamespace
+
+import cloudpickle
+import pytest
+import torch
+from monarch.actor import Actor, endpoint
+from safetensors.torch import save_file
+
+from lockstep.actors import weight_sync
+from lockstep.actors.generator import (
+    ARCHITECTURE,
+    GeneratorActor,
+    GeneratorConfig,
+    engine_args,
+    request_seed,
+    to_samples,
+)
+from lockstep.models import ModelConfig
+from lockstep.models.qwen3 import read_safetensors
+from lockstep.models.tiny import write_tiny_checkpoint
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the procs cannot import this file
+
+
+def test_config_defaults_and_validation():
+    cfg = GeneratorConfig()
+    assert (cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed) == (8, 1.0, 1.0, 32, 0)
+    assert (cfg.max_model_len, cfg.gpu_memory_utilization, cfg.enforce_eager) == (256, 0.3, True)
+    for bad, field in [
+        (dict(num_samples=0), "num_samples"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_tokens=256), "max_tokens"),
+        (dict(gpu_memory_utilization=0), "gpu_memory_utilization"),
+    ]:
+        with pytest.raises(ValueError, match=f"generator.{field}"):
+            GeneratorConfig(**bad)
+    with pytest.raises(TypeError):
+        GeneratorConfig(8)  # kw_only
+
+
+def test_engine_args_follow_the_parity_rules(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "ckpt")
+    gen_cfg = GeneratorConfig(seed=3, max_model_len=128, max_tokens=16)
+    args = engine_args(ModelConfig(path=str(path)), gen_cfg, "cpu")
+    assert args["model"] == str(path) and args["dtype"] == "float32" and args["seed"] == 3
+    assert args["enable_prefix_caching"] is False
+    assert args["logprobs_mode"] == "processed_logprobs"
+    assert args["hf_overrides"] == {"architectures": [ARCHITECTURE]}
+    assert args["max_model_len"] == 128 and args["enforce_eager"] is True
+    assert "gpu_memory_utilization" not in args and args["kv_cache_memory_bytes"] >= 16 << 20
+    assert "distributed_executor_backend" not in args
+
+    stock = engine_args(ModelConfig(path=str(path), impl="stock"), gen_cfg, "cuda", tp=2, dp=2)
+    assert "hf_overrides" not in stock and stock["gpu_memory_utilization"] == 0.3
+    assert (stock["tensor_parallel_size"], stock["data_parallel_size"]) == (2, 2)
+    assert stock["distributed_executor_backend"] == "external_launcher"
+
+    with pytest.raises(NotImplementedError, match="impl=lockstep with generator tp=2"):
+        engine_args(ModelConfig(path=str(path)), gen_cfg, "cuda", tp=2)
+
+
+def test_request_seeds_are_deterministic_and_distinct():
+    seeds = [request_seed(0, r, c, i) for r in range(2) for c in range(3) for i in range(50)]
+    assert seeds == [request_seed(0, r, c, i) for r in range(2) for c in range(3) for i in range(50)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**30 for s in seeds)
+    assert request_seed(1, 0, 0, 0) != request_seed(0, 0, 0, 0)
+
+
+def test_outputs_become_samples_with_exact_fp32_logprobs():
+    values = torch.randn(5, dtype=torch.float32)
+    floats = values.tolist()  # what vLLM hands back: Python floats of fp32 values
+    logprob = lambda x: SimpleNamespace(logprob=x)
+    completion = lambda ids, lps: SimpleNamespace(
+        token_ids=ids, text="".join(map(str, ids)), logprobs=[{t: logprob(x), 99: logprob(-9.0)} for t, x in zip(ids, lps)]
+    )
+    outputs = [
+        SimpleNamespace(prompt_token_ids=[1, 2], outputs=[completion([3, 4], floats[:2]), completion([5], floats[2:3])]),
+        SimpleNamespace(prompt_token_ids=[6], outputs=[completion([7, 8], floats[3:])]),
+    ]
+    samples = to_samples(outputs, ["a", "b"], [{"x": 1}, {"x": 2}], policy_version=4)
+    assert [s.prompt_index for s in samples] == [0, 0, 1]
+    assert [s.completion_ids for s in samples] == [[3, 4], [5], [7, 8]]
+    assert [s.prompt_ids for s in samples] == [[1, 2], [1, 2], [6]]
+    assert [s.fields for s in samples] == [{"x": 1}, {"x": 1}, {"x": 2}]
+    assert all(s.policy_version == 4 and s.logprobs.dtype == torch.float32 for s in samples)
+    assert torch.equal(torch.cat([s.logprobs for s in samples]), values)
+
+    no_logprobs = [SimpleNamespace(prompt_token_ids=[1], outputs=[SimpleNamespace(token_ids=[2], text="2", logprobs=None)])]
+    with pytest.raises(RuntimeError, match="logprobs=0"):
+        to_samples(no_logprobs, ["a"], [{}], 0)
+
+
+# -- GeneratorActor on a proc mesh, weights through torchstore ---------------------------------
+
+
+class Pusher(Actor):
+    """Stands in for the trainer: holds the store volume and pushes HF-named weights."""
+
+    @endpoint
+    async def push(self, path: str, version: int) -> None:
+        await weight_sync.push_state_dict(read_safetensors(path), version)
+
+
+def _checkpoints(tmp_path):
+    old = write_tiny_checkpoint(tmp_path / "old", tie_word_embeddings=True)
+    gen = torch.Generator().manual_seed(0)
+    weights = read_safetensors(old)
+    weights["model.embed_tokens.weight"] = 0.05 * torch.randn(weights["model.embed_tokens.weight"].shape, generator=gen)
+    save_file(weights, old / "model.safetensors", metadata={"format": "pt"})
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    save_file({n: w + 0.05 * torch.randn(w.shape, generator=gen) for n, w in weights.items()}, new / "model.safetensors")
+    return old, new
+
+
+@pytest.mark.slow
+def test_actor_generates_refuses_stale_versions_and_pulls_weights(tmp_path):
+    from lockstep.controller.mesh_config import GeneratorRole, MeshConfig, RewardRole, TrainerRole
+    from lockstep.controller.meshes import Meshes
+
+    old, new = _checkpoints(tmp_path)
+    gen_cfg = GeneratorConfig(max_tokens=8, num_samples=2, temperature=0.8)
+    meshes = Meshes(MeshConfig(name="test", device="cpu", procs=3, generator=GeneratorRole(), trainer=TrainerRole(),
+                               reward=RewardRole()))
+    layout = meshes.layout("generator")
+    prompts, fields = ["1+2=", "3*4="], [{"answer": "3"}, {"answer": "12"}]
+
+    async def run():
+        pusher = await meshes.spawn_role("trainer", Pusher)
+        await weight_sync.start_store(await meshes.procs("trainer"))
+        try:
+            one = lambda mesh, endpoint, *args: getattr(mesh, endpoint).call_one(*args)
+            engines = {}
+            # Three engines in one proc: start them one at a time (vLLM's process-wide parallel
+            # state is not safe to initialize concurrently); a call waits for the actor's init.
+            for name, model_cfg in [("gen", ModelConfig(path=str(old))), ("stock", ModelConfig(path=str(old), impl="stock")),
+                                    ("fresh", ModelConfig(path=str(new)))]:
+                engines[name] = await meshes.spawn_role("generator", GeneratorActor, model_cfg, gen_cfg, layout, name=name)
+                assert await one(engines[name], "version") == 0
+            gen, stock, fresh = engines["gen"], engines["stock"], engines["fresh"]
+
+            before = await one(gen, "generate", prompts, fields, 0)
+            assert len(before) == 4 and [s.fields for s in before] == [fields[0]] * 2 + [fields[1]] * 2
+            assert all(s.policy_version == 0 and len(s.logprobs) == len(s.completion_ids) for s in before)
+            stock_before = await one(stock, "generate", prompts, fields, 0, 1, 0.0, 4)  # n, temperature, max_tokens
+            assert len(stock_before) == 2 and all(len(s.completion_ids) <= 4 for s in stock_before)
+
+            await one(pusher, "push", str(new), 1)
+            with pytest.raises(Exception, match="holds weights v0, the step expects v1"):
+                await one(gen, "generate", prompts, fields, 1)
+            await asyncio.gather(one(gen, "update_weights", 1), one(stock, "update_weights", 1))
+            assert await one(gen, "version") == await one(stock, "version") == 1
+
+            # Seeds follow the call count (a refused call does not count): bring fresh to call 1 too.
+            await one(fresh, "generate", prompts, fields, 0)
+            after = await one(gen, "generate", prompts, fields, 1)
+            want = await one(fresh, "generate", prompts, fields, 0)
+            for a, w in zip(after, want):
+                assert a.completion_ids == w.completion_ids and torch.equal(a.logprobs, w.logprobs)
+            assert any(a.completion_ids != b.completion_ids for a, b in zip(after, before))
+            stock_after = await one(stock, "generate", prompts, fields, 1, 1, 0.0, 4)
+            assert all(s.policy_version == 1 for s in stock_after)
+        finally:
+            await weight_sync.stop_store()
+            await meshes.shutdown()
+
+    asyncio.run(run())
