@@ -30,6 +30,8 @@ _FWD = {
     torch.float16: (128, 64, 8, "tf32"),
     torch.float32: (64, 32, 4, "tf32x3"),  # fp32-accurate products on tensor cores
 }
+_FWD_STAGES = 2  # software pipelining depth (speed only)
+_BWD_STAGES = 2
 # Backward: (rows per query tile = keys per KV tile, warps, dot precision).
 _BWD = {
     torch.bfloat16: (64, 8, "tf32"),
@@ -298,7 +300,7 @@ def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scal
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         STORE_LSE=lse is not None, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=_FWD_STAGES)
     return out
 
 
@@ -345,7 +347,7 @@ def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):
     _bwd_delta_kernel[(triton.cdiv(num_tokens * num_q_heads, rows),)](
         out, grad_out, delta, num_tokens * num_q_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=rows, num_warps=4)
     meta = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=precision, BLOCK=block,
-                num_warps=num_warps, num_stages=2)
+                num_warps=num_warps, num_stages=_BWD_STAGES)
     args = (num_seqs, scale * _LOG2E, scale)
     _bwd_dkdv_kernel[(triton.cdiv(num_tokens, block) + num_seqs, num_kv_heads)](
         q, k, v, grad_out, lse, delta, dk, dv, cu, *args, **meta)

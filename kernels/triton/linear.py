@@ -21,6 +21,7 @@ layout allows it (K-major or transposed views, 16-byte aligned), else through po
 these choices changes a bit of the result (tests/kernels/test_triton_linear.py checks it).
 """
 
+import ctypes
 import functools
 import os
 
@@ -244,7 +245,7 @@ def _launch(x2d, w, bias, out_dtype, split=None, use_tma=None, num_stages=None):
     meta = dict(NUM_CHAINS=chains, EVEN_K=K % block_k == 0,
                 PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                num_warps=num_warps, num_stages=num_stages or (5 if split else 3))
+                num_warps=num_warps, num_stages=num_stages or (5 if split else 4))
     bias_arg = bias if bias is not None else out
     if split:
         part = torch.empty((chains, M, N), device=x2d.device, dtype=torch.float32)
@@ -273,6 +274,25 @@ def _launch(x2d, w, bias, out_dtype, split=None, use_tma=None, num_stages=None):
     return out
 
 
+@functools.cache
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _ensure_context(device_index: int) -> None:
+    """Make the device's primary context current in this thread if none is.
+
+    The driver encodes TMA descriptors in the calling thread, which needs a current context;
+    autograd's device threads may not have one yet (torch only sets it lazily, for cuBLAS).
+    """
+    lib, ctx = _libcuda(), ctypes.c_void_p()
+    if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and not ctx.value:
+        dev = ctypes.c_int()
+        if lib.cuDeviceGet(ctypes.byref(dev), device_index) != 0 or \
+                lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0 or lib.cuCtxSetCurrent(ctx) != 0:
+            raise RuntimeError(f"linear: could not make CUDA device {device_index}'s context current in this thread")
+
+
 def _operands(x2d, w, use_tma, block_m, block_n, block_k):
     """-> (x arg, w arg, TMA flags): descriptors when both operands allow TMA, else the tensors."""
     x_tma = _tma_view(x2d, block_m, block_k) if use_tma is not False else None
@@ -281,6 +301,7 @@ def _operands(x2d, w, use_tma, block_m, block_n, block_k):
         if use_tma:
             raise ValueError("linear: use_tma=True but an operand is not 16-byte aligned / K-major")
         return x2d, w, dict(USE_TMA=False, X_T=False, W_T=False)
+    _ensure_context(x2d.device.index or 0)
     return x_tma[0], w_tma[0], dict(USE_TMA=True, X_T=x_tma[1], W_T=w_tma[1])
 
 
