@@ -2,28 +2,25 @@
 
 import re
 
-_LEADING_NUMBER = re.compile(r"\s*(-?\d+)")
+_LEADING_NUMBER = re.compile(r"(\d+)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def arithmetic(prompt: str, completion: str, answer: str, **_) -> float:
     """1.0 for exactly the answer; partial credit so a randomly initialised model gets signal.
 
-    Shaping, highest that applies: answer followed by junk 0.5; right first digit 0.2
-    (+0.1 with the right number of digits); any leading number 0.1; else 0.
+    The answer followed by anything else earns 0.5; another number, off by d, earns
+    0.25 * max(0, 1 - d / 10). Numbers with leading zeros ("007") earn nothing.
     """
     text = completion.strip()
     if text == answer:
         return 1.0
     m = _LEADING_NUMBER.match(text)
-    if m is None:
+    if m is None or (len(m.group(1)) > 1 and m.group(1).startswith("0")):
         return 0.0
-    number = m.group(1)
-    if number == answer:
+    if m.group(1) == answer:
         return 0.5
-    if number[0] == answer[0]:
-        return 0.3 if len(number) == len(answer) else 0.2
-    return 0.1
+    return 0.25 * max(0.0, 1.0 - abs(int(m.group(1)) - int(answer)) / 10)
 
 
 def gsm8k(prompt: str, completion: str, answer: str, **_) -> float:
