@@ -24,8 +24,14 @@ TEST_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, hea
 PROMPTS = [f"{a}+{b}=" for a in range(8) for b in range(8)]  # 64 distinct prompts
 
 
+# vLLM runs on the GPU wherever there is one; the trainer side must use the same device.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _engine(path, impl="lockstep") -> Generator:
-    return Generator(ModelConfig(path=str(path), impl=impl), GeneratorConfig(max_tokens=MAX_TOKENS), "cpu")
+    # Up to four engines share one GPU here, each with a small slice.
+    gen_cfg = GeneratorConfig(max_tokens=MAX_TOKENS, gpu_memory_utilization=0.1)
+    return Generator(ModelConfig(path=str(path), impl=impl), gen_cfg, DEVICE)
 
 
 def _rewrite(path, weights) -> None:
@@ -79,7 +85,7 @@ def engines(ckpt_dir, new_dir):
 
 @pytest.fixture(scope="module")
 def trainer_model(ckpt_dir):
-    return build_model(ModelConfig(path=str(ckpt_dir)), "cpu")
+    return build_model(ModelConfig(path=str(ckpt_dir)), DEVICE)
 
 
 def _fields(prompts):
@@ -95,16 +101,17 @@ def trainer_logprobs(model, samples, temperature: float) -> list[torch.Tensor]:
     """The trainer's side: one packed varlen forward over prompt + completion of every sample."""
     seqs = [s.prompt_ids + s.completion_ids for s in samples]
     starts = list(itertools.accumulate((len(x) for x in seqs), initial=0))
-    tokens = torch.tensor(sum(seqs, []))
-    positions = torch.cat([torch.arange(len(x)) for x in seqs])
-    cu_seqlens = torch.tensor(starts, dtype=torch.int32)
+    tokens = torch.tensor(sum(seqs, []), device=DEVICE)
+    positions = torch.cat([torch.arange(len(x)) for x in seqs]).to(DEVICE)
+    cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
     # Completion token j of a sample is predicted at the row before it.
     target_index = torch.tensor(
-        [start + len(s.prompt_ids) - 1 + j for start, s in zip(starts, samples) for j in range(len(s.completion_ids))]
+        [start + len(s.prompt_ids) - 1 + j for start, s in zip(starts, samples) for j in range(len(s.completion_ids))],
+        device=DEVICE,
     )
-    target_ids = torch.tensor([t for s in samples for t in s.completion_ids])
+    target_ids = torch.tensor([t for s in samples for t in s.completion_ids], device=DEVICE)
     flat = token_logprobs_packed(model, tokens, positions, cu_seqlens, target_index, target_ids, temperature)
-    return list(flat.split([len(s.completion_ids) for s in samples]))
+    return list(flat.cpu().split([len(s.completion_ids) for s in samples]))
 
 
 @pytest.mark.parametrize("temperature", [0.7, 0.0])
