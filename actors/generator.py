@@ -39,6 +39,8 @@ class GeneratorConfig:
     temperature: float = 1.0
     """Sampling temperature; logprobs are of logits / temperature."""
     top_p: float = 1.0
+    """< 1 samples from a renormalized nucleus; the trainer scores the full softmax, so the
+    strict barrier needs 1.0."""
     max_tokens: int = 32
     """Max new tokens per completion."""
     seed: int = 0

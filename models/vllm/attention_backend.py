@@ -144,16 +144,16 @@ class LockstepAttentionImpl(AttentionImpl[LockstepAttentionMetadata]):
         kv_sharing_target_layer_name: str | None = None,
         **extra_impl_args,
     ) -> None:
-        unsupported = {
-            "alibi_slopes": alibi_slopes,
-            "sliding_window": sliding_window,
-            "logits_soft_cap": logits_soft_cap,
-            "kv_sharing_target_layer_name": kv_sharing_target_layer_name,
-            **{k: v for k, v in extra_impl_args.items() if v is not None and v is not False},
-        }
-        for name, value in unsupported.items():
-            if value is not None:
-                raise ValueError(f"lockstep attention: {name}={value!r} is not supported; use the stock model")
+        options = dict(
+            alibi_slopes=alibi_slopes,
+            sliding_window=sliding_window,
+            logits_soft_cap=logits_soft_cap,
+            kv_sharing_target_layer_name=kv_sharing_target_layer_name,
+            **extra_impl_args,  # e.g. sinks; False/None mean "off"
+        )
+        for name, value in options.items():
+            if value is not None and value is not False:
+                raise ValueError(f"lockstep attention: {name}={value!r} is not supported; use model.impl=stock")
         if attn_type != AttentionType.DECODER:
             raise ValueError(f"lockstep attention: attn_type={attn_type!r}; only decoder attention is supported")
         if kv_cache_dtype not in LockstepAttentionBackend.supported_kv_cache_dtypes:
