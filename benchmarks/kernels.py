@@ -263,23 +263,23 @@ def bench_launch(tables):
 
 def sweep(tables):
     """Tile / pipeline variants (each a fixed config for every M, so each is invariant; speed only)."""
-    tab = Table("linear variants", "TFLOP/s", ["N", "K", "M", "BLOCK_N", "BLOCK_K", "stages", "tma", "ours", "cuBLAS"])
+    tab = Table("linear variants", "TFLOP/s", ["N", "K", "M", "BLOCK_M", "BLOCK_K", "warps", "stages", "ours", "cuBLAS"])
     saved = linear._CONFIGS[DT]
-    for n, k in [(2048, 2048), (6144, 2048), (2048, 6144), (12288, 4096), (4096, 12288)]:
+    variants = [(128, 64, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 5), (128, 128, 8, 3), (64, 128, 4, 3)]
+    for n, k in [(2048, 2048), (6144, 2048), (2048, 6144), (4096, 4096), (12288, 4096), (4096, 12288)]:
         for m in (1, 64, 256, 2048, 8192):
             flops = 2.0 * m * n * k
             stock = None
-            for block_n, block_k, stages, tma in [(128, 64, 3, True), (128, 64, 4, True), (128, 64, 4, False),
-                                                  (128, 128, 3, True), (128, 128, 2, True), (256, 64, 3, True)]:
-                linear._CONFIGS[DT] = (128, block_n, block_k, 8)
+            for block_m, block_k, warps, stages in variants:
+                linear._CONFIGS[DT] = (block_m, 128, block_k, warps)
                 try:
                     ours, stock_t = _linear_pair(
-                        m, n, k, lambda x, w, g: linear._launch(x, w, None, DT, use_tma=tma, num_stages=stages),
+                        m, n, k, lambda x, w, g: linear._launch(x, w, None, DT, num_stages=stages),
                         None if stock else (lambda x, w, g: torch.mm(x, w.t())))
                     stock = stock or stock_t
-                    tab.add(n, k, m, block_n, block_k, stages, tma, _fmt(flops / ours / 1e9), _fmt(flops / stock / 1e9))
+                    tab.add(n, k, m, block_m, block_k, warps, stages, _fmt(flops / ours / 1e9), _fmt(flops / stock / 1e9))
                 except Exception as e:  # out of shared memory or registers, say
-                    tab.add(n, k, m, block_n, block_k, stages, tma, type(e).__name__, "")
+                    tab.add(n, k, m, block_m, block_k, warps, stages, type(e).__name__, "")
                 finally:
                     linear._CONFIGS[DT] = saved
     tables.append(tab)
@@ -291,7 +291,9 @@ def sweep(tables):
     cu = torch.arange(0, t + 1, seq_len, dtype=torch.int32, device="cuda")
     flops = 2.0 * 2 * num_seqs * hq * seq_len * seq_len * d / 2
     saved_fwd, saved_bwd = attention._FWD[DT], attention._BWD[DT]
-    for bm, bn, warps, stages in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 4, 2)]:
+    saved_fwd_stages, saved_bwd_stages = attention._FWD_STAGES, attention._BWD_STAGES
+    for bm, bn, warps, stages in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2),
+                                  (128, 32, 8, 3), (128, 64, 8, 4)]:
         attention._FWD[DT] = (bm, bn, warps, "tf32")
         attention._FWD_STAGES = stages
         try:
@@ -300,10 +302,10 @@ def sweep(tables):
         except Exception as e:
             att.add("fwd", bm, bn, warps, stages, type(e).__name__)
     attention._FWD[DT] = saved_fwd
-    attention._FWD_STAGES = 2
+    attention._FWD_STAGES = saved_fwd_stages
     out, lse = attention.attention_varlen_fwd(q, k, v, cu, d**-0.5)
     grad = torch.randn_like(out)
-    for block, warps, stages in [(64, 8, 2), (64, 4, 2), (64, 8, 3), (32, 4, 2), (128, 8, 2)]:
+    for block, warps, stages in [(64, 8, 2), (64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (32, 2, 2), (64, 4, 1)]:
         attention._BWD[DT] = (block, warps, "tf32")
         attention._BWD_STAGES = stages
         try:
@@ -312,7 +314,7 @@ def sweep(tables):
         except Exception as e:
             att.add("bwd", block, block, warps, stages, type(e).__name__)
     attention._BWD[DT] = saved_bwd
-    attention._BWD_STAGES = 2
+    attention._BWD_STAGES = saved_bwd_stages
     tables.append(att)
 
 

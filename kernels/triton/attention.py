@@ -30,12 +30,12 @@ _FWD = {
     torch.float16: (128, 64, 8, "tf32"),
     torch.float32: (64, 32, 4, "tf32x3"),  # fp32-accurate products on tensor cores
 }
-_FWD_STAGES = 2  # software pipelining depth (speed only)
+_FWD_STAGES = 3  # software pipelining depth (speed only; measured on H200, benchmarks/kernels.py --sweep)
 _BWD_STAGES = 2
 # Backward: (rows per query tile = keys per KV tile, warps, dot precision).
 _BWD = {
-    torch.bfloat16: (64, 8, "tf32"),
-    torch.float16: (64, 8, "tf32"),
+    torch.bfloat16: (64, 4, "tf32"),
+    torch.float16: (64, 4, "tf32"),
     torch.float32: (32, 4, "tf32x3"),
 }
 _LOG2E = 1.4426950408889634
