@@ -90,7 +90,8 @@ def _reward_metrics(samples: list[Sample]) -> dict:
         "reward/mean": statistics.fmean(rewards),
         "reward/std": statistics.pstdev(rewards),
         "reward/max": max(rewards),
-        "completion/len_mean": statistics.fmean(lengths),
+        "completion/len_mean": statistics.fmean(lengths),  # tokens
+        "completion/len_chars": statistics.fmean(len(s.completion) for s in samples),
     }
 
 

@@ -146,6 +146,8 @@ class Session:
     def start(self) -> "Session":
         if self.started:
             return self
+        # vLLM logs every engine start at INFO; the procs inherit this (VLLM_LOGGING_LEVEL=INFO shows them).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self._thread = _LoopThread()
         try:
             self._run(self._start())
@@ -271,7 +273,9 @@ class Session:
         num_steps = self.config.loop.steps if num_steps is None else num_steps
         save_every = self.config.loop.save_every
         out = []
-        for _ in tqdm(range(num_steps), desc="steps", unit="step", disable=not self.echo or num_steps < 2):
+        # A bar only on a terminal (disable=None); the per-step console line is the log.
+        quiet = True if not self.echo or num_steps < 2 else None
+        for _ in tqdm(range(num_steps), desc="steps", unit="step", disable=quiet):
             out.append(self.step())
             if save_every and self.num_steps_done % save_every == 0:
                 self.save()

@@ -27,10 +27,9 @@ def main():
     args = parser.parse_args()
     with Session(mesh="local-cpu") as session:
         session.set_reward(exact_and_short)
-        for metrics in session.run(args.steps):
-            pass
+        session.run(args.steps)
         print("mean reward per step:", [round(m["reward/mean"], 3) for m in session.metrics])
-        for sample in session.generate("12+7=", n=4):
+        for sample in session.generate("3+4=", n=4):
             print(repr(sample.prompt), "->", repr(sample.completion))
 
 
