@@ -102,8 +102,8 @@ def test_reward_mesh_scores_strided_and_reports_errors():
         samples = [sample(completion=c) for c in ["2", "3", "2x", "", "22"]]
         per_rank = [v for _, v in mesh.score.call(samples).get().items()]
         # answer "2": exact, off by one, "2" + junk, empty, off by 20
-        assert per_rank == [[1.0, 0.25, 0.0], [0.45, 0.0]]
-        assert merge_strided(per_rank) == [1.0, 0.45, 0.25, 0.0, 0.0]
+        assert per_rank == [[1.0, 0.5, 0.0], [pytest.approx(0.225), 0.0]]
+        assert merge_strided(per_rank) == [1.0, pytest.approx(0.225), 0.5, 0.0, 0.0]
 
         bonus = 0.25
         mesh.set_functions.call(pack([(lambda p, c, **_: bonus + len(c), 1.0)])).get()

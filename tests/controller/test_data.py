@@ -63,7 +63,8 @@ def test_gsm8k_offline_fails_fast_with_a_clear_line(monkeypatch):
 
 @pytest.mark.parametrize(
     "completion, reward",
-    [("19", 1.0), (" 19 ", 1.0), ("19+", 0.25), ("18", 0.45), ("21", 0.4), ("15=3", 0.15), ("7", 0.0), ("+1", 0.0), ("", 0.0)],
+    [("19", 1.0), (" 19 ", 1.0), ("19+", 0.5), ("18", 0.225), ("21", 0.2), ("15=3", 0.15), ("7", 0.0),
+     ("019", 0.0), ("+1", 0.0), ("", 0.0)],
 )
 def test_arithmetic_reward(completion, reward):
     assert rewards.arithmetic("12+7=", completion, answer="19") == pytest.approx(reward)
