@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lockstep.kernels._tree import tiled_sum
 from lockstep.kernels.linear import TILE_K, _partial_2d
-from lockstep.kernels.logprobs import log_softmax_reference
+from lockstep.kernels.logprobs import log_softmax as _invariant_log_softmax
 
 _DISPATCH_KEYS = ("CPU", "CUDA")
 _lib: torch.library.Library | None = None
@@ -48,7 +48,9 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
 
 def _log_softmax(x: Tensor, dim: int, half_to_float: bool) -> Tensor:
     moved = x.movedim(dim, -1)
-    logp = log_softmax_reference(moved.reshape(-1, moved.shape[-1]), 1.0).reshape(moved.shape)
+    # Through the op, not the CPU reference: on CUDA this must be the Triton kernel that
+    # the trainer's token_logprobs runs, or sampler and trainer logprobs would differ.
+    logp = _invariant_log_softmax(moved.reshape(-1, moved.shape[-1]), 1.0).reshape(moved.shape)
     return logp.movedim(-1, dim).to(torch.float32 if half_to_float else x.dtype).contiguous()
 
 

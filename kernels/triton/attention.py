@@ -57,20 +57,23 @@ def _find_seq(pid, cu_ptr, num_seqs, TOKENS: tl.constexpr):
 
 
 @triton.jit
-def _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_size):
-    """Row of each key position in the [rows, Hkv, D] view of k / v (a cache is [NB*BS, Hkv, D])."""
+def _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_size, rows_per_block):
+    """Row of each key position in the [rows, Hkv, D] view of k / v.
+
+    A cache block is `rows_per_block` rows apart from the next (>= block_size: vLLM pages may
+    hold the V block right after the K block)."""
     if paged:
         blk = tl.load(block_table_ptr + b * stride_bt + kpos // block_size, mask=kv_ok, other=0)
-        krows = blk.to(tl.int64) * block_size + kpos % block_size
+        krows = blk.to(tl.int64) * rows_per_block + kpos % block_size
     else:
         krows = (q_start + kpos).to(tl.int64)
     return krows
 
 
-@triton.jit(do_not_specialize=["num_seqs", "paged", "block_size", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "paged", "block_size", "rows_per_block", "stride_bt"])
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, seq_lens_ptr, block_table_ptr,
-    num_seqs, qk_scale, paged, block_size,
+    num_seqs, qk_scale, paged, block_size, rows_per_block,
     stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -108,7 +111,7 @@ def _fwd_kernel(
     for j in range(0, last_pos // BLOCK_N + 1):
         kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_ok = kpos < seq_len
-        krows = _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_size)
+        krows = _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_size, rows_per_block)
         kv_mask = kv_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + krows[:, None] * stride_kr + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
@@ -280,7 +283,7 @@ def _check_heads(q: torch.Tensor, num_kv_heads: int) -> int:
     return group
 
 
-def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scale, paged, lse):
+def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scale, paged, lse, rows_per_block=None):
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_rows.shape[1]
     group = _check_heads(q, num_kv_heads)
@@ -295,7 +298,7 @@ def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scal
     grid = (triton.cdiv(num_tokens, tokens_per_tile) + num_seqs, num_kv_heads)
     _fwd_kernel[grid](
         q, k_rows, v_rows, out, lse if lse is not None else out, cu_q, seq_lens, block_table,
-        num_seqs, scale * _LOG2E, int(paged), block_size,
+        num_seqs, scale * _LOG2E, int(paged), block_size, rows_per_block or block_size,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
@@ -317,15 +320,19 @@ def attention_varlen_fwd(q, k, v, cu_seqlens, scale: float):
 def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float):
     """q [T, Hq, D]; caches [NB, BS, Hkv, D]; block_table int [B, MB]; seq_lens [B]; cu_seqlens_q [B+1]."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    if k_cache.stride(-1) != 1 or k_cache.stride(0) != block_size * k_cache.stride(1):
-        raise ValueError("attention_paged: k_cache must be [NB, BS, Hkv, D] with contiguous blocks")
+    row_stride = num_kv_heads * head_dim
+    if k_cache.stride()[1:] != (row_stride, head_dim, 1) or k_cache.stride(0) % row_stride:
+        raise ValueError("attention_paged: k_cache must be [NB, BS, Hkv, D] with contiguous rows inside each block")
     if v_cache.stride() != k_cache.stride():
         raise ValueError("attention_paged: v_cache must have k_cache's strides")
-    k_rows = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-    v_rows = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    # Blocks may sit further apart than block_size rows (vLLM pages: K block then V block).
+    rows_per_block = k_cache.stride(0) // row_stride
+    num_rows = (num_blocks - 1) * rows_per_block + block_size
+    k_rows = k_cache.as_strided((num_rows, num_kv_heads, head_dim), (row_stride, head_dim, 1))
+    v_rows = v_cache.as_strided((num_rows, num_kv_heads, head_dim), (row_stride, head_dim, 1))
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     return _launch_fwd(_heads_view(q), k_rows, v_rows, cu_seqlens_q.to(torch.int32), seq_lens.to(torch.int32),
-                       table.to(torch.int32), block_size, scale, True, None)
+                       table.to(torch.int32), block_size, scale, True, None, rows_per_block)
 
 
 def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):

@@ -155,3 +155,20 @@ def test_write_kv_cache_matches_reference_and_skips_padding():
     attn.write_kv_cache(k, v, caches[0], caches[1], slots)
     write_kv_cache_reference(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def test_paged_pages_with_k_then_v_blocks():
+    """vLLM's page layout (our backend): each page is a K block followed by a V block."""
+    attn = _attn()
+    lens = [5, 40, 17]
+    block_size, (hq, hkv, d) = 16, HEADS[0]
+    q, k, v = _qkv(sum(lens), hq, hkv, d, torch.bfloat16, seed=4)
+    cu, scale = _cu(lens), d**-0.5
+    k_dense, v_dense, table = _paged(k, v, lens, block_size, seed=5)
+    pages = torch.full((k_dense.shape[0], 2, *k_dense.shape[1:]), math.nan, device="cuda", dtype=k.dtype)
+    k_cache, v_cache = pages[:, 0], pages[:, 1]  # block stride = 2 blocks
+    k_cache.copy_(k_dense)
+    v_cache.copy_(v_dense)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    dense = attn.attention_paged_fwd(q, k_dense, v_dense, table, seq_lens, cu, scale)
+    assert torch.equal(attn.attention_paged_fwd(q, k_cache, v_cache, table, seq_lens, cu, scale), dense)
