@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from lockstep.actors.reward import RewardError
     from lockstep.controller.barrier import BarrierError
     from lockstep.controller.config import ConfigError, parse_overrides
-    from lockstep.controller.session import Session
+    from lockstep.controller.session import MeshError, Session
 
     try:
         overrides = parse_overrides(args.overrides)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             if "reward/mean" in last:
                 first = session.metrics[0]["reward/mean"]
                 print(f"lockstep: {session.num_steps_done} steps, mean reward {first:.3f} -> {last['reward/mean']:.3f}")
-    except (ValueError, FileNotFoundError, RewardError, BarrierError) as e:
+    except (ValueError, FileNotFoundError, RewardError, BarrierError, MeshError) as e:
         if os.environ.get("LOCKSTEP_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)  # LOCKSTEP_DEBUG=1 shows the traceback

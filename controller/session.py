@@ -15,14 +15,18 @@ import dataclasses
 import json
 import math
 import os
+import re
+import sys
 import threading
-from typing import Any, Callable
+from typing import Callable
 
+import monarch.actor
+from monarch._rust_bindings.monarch_hyperactor.supervision import SupervisionError
 from monarch.actor import ActorError
 from tqdm.auto import tqdm
 
 from lockstep.actors import weight_sync
-from lockstep.actors.reward import RewardConfig, RewardFunctionConfig, merge_strided, pack
+from lockstep.actors.reward import RewardConfig, RewardFunctionConfig, RewardRunner, merge_strided, pack
 from lockstep.actors.types import Sample
 from lockstep.controller.config import RunConfig, load_config, to_dict
 from lockstep.controller.data import DEFAULT_REWARDS, PromptStream, load_source
@@ -48,9 +52,26 @@ class _LoopThread:
         self._thread.join(timeout=10)
 
 
-def _unwrap(e: ActorError) -> BaseException:
-    # The actor's own exception carries the clear message; Monarch's wrapper adds the remote traceback.
-    return e.exception if isinstance(e.exception, Exception) else e
+class MeshError(RuntimeError):
+    """An actor of a role died (e.g. its __init__ raised); the session cannot go on."""
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception)\b.*)$", re.MULTILINE)
+
+
+def _unwrap(e: BaseException, role: str) -> BaseException:
+    """The clear error inside Monarch's wrappers (ActorError keeps the exception; a dead
+    actor's SupervisionError only its traceback text, whose last exception line we keep)."""
+    if isinstance(e, ActorError) and isinstance(e.exception, Exception):
+        return e.exception
+    if isinstance(e, SupervisionError):
+        lines = _EXCEPTION_LINE.findall(str(e))
+        return MeshError(f"the {role} actors failed: {lines[-1] if lines else str(e).splitlines()[0]}")
+    return e
+
+
+def _report_failure(failure) -> None:
+    sys.stderr.write(f"lockstep: mesh {failure.mesh_name} failed; its calls raise MeshError\n")
 
 
 class _MeshHandle:
@@ -69,8 +90,8 @@ class _MeshHandle:
     async def _call(self, endpoint: str, *args, **kwargs) -> list:
         try:
             result = await getattr(self._mesh, endpoint).call(*args, **kwargs)
-        except ActorError as e:
-            raise _unwrap(e) from e
+        except (ActorError, SupervisionError) as e:
+            raise _unwrap(e, self._name) from e
         return [v for _, v in sorted(result.items(), key=lambda item: item[0].rank)]
 
 
@@ -128,6 +149,7 @@ class Session:
         self._stream: PromptStream | None = None
         self._logger: MetricsLogger | None = None
         self._thread: _LoopThread | None = None
+        self._previous_fault_hook = None
 
     # -- lifecycle --
 
@@ -148,18 +170,26 @@ class Session:
             return self
         # vLLM logs every engine start at INFO; the procs inherit this (VLLM_LOGGING_LEVEL=INFO shows them).
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # Monarch's default answer to a dead actor is to interrupt the main thread (and a
+        # notebook's kernel); while the session runs, the call on that actor raises instead.
+        self._previous_fault_hook = monarch.actor.unhandled_fault_hook
+        monarch.actor.unhandled_fault_hook = _report_failure
         self._thread = _LoopThread()
         try:
-            self._run(self._start())
+            self._thread.run(self._start())
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _run(self, coro):
-        if self._thread is None:
-            coro.close()
+    def _require_started(self) -> None:
+        if not self.started:
             raise RuntimeError("the session is not started; call start() (or use `with Session(...) as s:`)")
+
+    def _run(self, coro):
+        if not self.started:
+            coro.close()
+            self._require_started()
         return self._thread.run(coro)
 
     def _reward_config(self) -> RewardConfig:
@@ -183,6 +213,7 @@ class Session:
         cfg.loop.resolve_dirs()
         self._stream = PromptStream(load_source(cfg.data), cfg.data.prompts_per_step, cfg.data.seed)
         reward_cfg = self._reward_config()
+        RewardRunner.from_config(reward_cfg)  # a bad dotted path fails here, before any proc starts
         # Write the tiny checkpoint once here, so every actor loads the same directory.
         model_cfg = dataclasses.replace(cfg.model, path=str(checkpoint_path(cfg.model)))
 
@@ -220,11 +251,13 @@ class Session:
             return
         try:
             if self._meshes is not None:
-                self._run(self._stop())
+                self._thread.run(self._stop())
         finally:
             self._thread.close()
             self._thread = None
             self._handles = None
+            if self._previous_fault_hook is not None:
+                monarch.actor.unhandled_fault_hook, self._previous_fault_hook = self._previous_fault_hook, None
             if self._logger:
                 self._logger.close()
 
@@ -287,19 +320,23 @@ class Session:
         """Sample `n` completions per prompt with the current policy (not trained on)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         fields = fields or [{} for _ in prompts]
+        self._require_started()
         return self._run(generate(self._handles.generators, prompts, fields, self.policy_version, n))
 
     def set_reward(self, fn: Callable | str | list[tuple[Callable | str, float]], weight: float = 1.0) -> None:
         """Replace the reward: one function (callable or "pkg.mod:fn") or a list of (fn, weight)."""
+        self._require_started()
         functions = fn if isinstance(fn, list) else [(fn, weight)]
         if not all(math.isfinite(w) for _, w in functions):
             raise ValueError("set_reward: weights must be finite numbers")
+        RewardRunner(functions)  # resolve here: a bad path or non-callable fails with a clear line
         self._run(self._reward_handle._call("set_functions", pack(functions)))
 
     # -- checkpoints --
 
     def save(self, path: str | None = None) -> str:
         """Trainer state (weights, optimizer) plus the controller's (step, version, data position)."""
+        self._require_started()
         path = os.path.abspath(path or os.path.join(self.config.loop.checkpoint_dir, f"step_{self.num_steps_done:06d}"))
         os.makedirs(path, exist_ok=True)
         self._run(self._handles.trainer.save(os.path.join(path, "trainer")))

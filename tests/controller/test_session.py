@@ -13,15 +13,25 @@ def _tiny(tmp_path, **extra):
     return Session(
         mesh="local-cpu", echo=False,
         data={"prompts_per_step": 2}, generator={"num_samples": 2},
-        loop={"log_dir": str(tmp_path / "run"), "barrier": "strict"}, **extra,
+        loop={"log_dir": str(tmp_path / "run"), "barrier": "strict", "save_every": 2}, **extra,
     )
+
+
+def test_calls_before_start_say_so():
+    from lockstep import Session
+
+    s = Session(echo=False)
+    for call in (s.step, lambda: s.generate("1+1="), lambda: s.set_reward(len), lambda: s.save("x")):
+        with pytest.raises(RuntimeError, match="not started; call start"):
+            call()
+    s.stop()  # nothing to stop: fine
 
 
 @pytest.mark.slow
 def test_session_steps_generates_swaps_reward_and_resumes(tmp_path):
     with _tiny(tmp_path) as s:
-        m1 = s.step()
-        m2 = s.step()
+        m1, m2 = s.run(2)
+        assert (tmp_path / "run" / "checkpoints" / "step_000002" / "controller.json").is_file()  # save_every
         # strict barrier passed: every generator logprob equals the trainer's bit for bit
         assert m1["barrier/num_differing_tokens"] == 0 and m2["barrier/num_tokens"] > 0
         assert (m1["policy_version"], m2["policy_version"], s.policy_version) == (1, 2, 2)
