@@ -1,7 +1,6 @@
 """examples/interactive.ipynb runs top to bottom in a real Jupyter kernel (this venv's python)."""
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 import asyncio
 
 import pytest
-import torch
 
 from fake_actors import FakeGenerator, FakeReward, FakeTrainer
 from lockstep.actors.reward import RewardError, RewardRunner
