@@ -26,6 +26,7 @@ import torch
 from monarch.actor import Actor, current_rank, endpoint
 
 from lockstep.actors.types import Sample
+from lockstep.models.qwen3.capture import Capture, CapturedRun
 
 ARCHITECTURE = "LockstepQwen3ForCausalLM"  # = lockstep.models.vllm.plugin.ARCHITECTURE (no vllm import here)
 LOGPROBS_MODE = "processed_logprobs"
@@ -140,8 +141,13 @@ def request_seed(base_seed: int, replica: int, call: int, prompt_index: int) -> 
     return int.from_bytes(digest[:4], "little") >> 2  # < 2**30, so seed + n stays an int32
 
 
-def to_samples(outputs, prompts: list[str], fields: list[dict], policy_version: int) -> list[Sample]:
-    """vLLM RequestOutputs (one per prompt, n completions each) -> Samples, prompt-major."""
+def to_samples(
+    outputs, prompts: list[str], fields: list[dict], policy_version: int, seeds: list[int] | None = None
+) -> list[Sample]:
+    """vLLM RequestOutputs (one per prompt, n completions each) -> Samples, prompt-major.
+
+    `seeds[i]` is prompt i's request seed; vLLM samples completion k with seed + k.
+    """
     samples = []
     for prompt_index, (request, prompt, row_fields) in enumerate(zip(outputs, prompts, fields)):
         for completion in request.outputs:
@@ -163,6 +169,7 @@ def to_samples(outputs, prompts: list[str], fields: list[dict], policy_version: 
                     logprobs=logprobs,
                     policy_version=policy_version,
                     fields=dict(row_fields),
+                    seed=None if seeds is None else seeds[prompt_index] + completion.index,
                 )
             )
     return samples
@@ -213,11 +220,7 @@ class Generator:
         seeds: list[int] | None = None,
     ) -> list[Sample]:
         """n completions per prompt; `seeds` (one per prompt) default to a per-call derivation."""
-        if expected_version != self.version:
-            raise RuntimeError(
-                f"generator replica {self.replica} holds weights v{self.version}, the step expects "
-                f"v{expected_version}; call update_weights({expected_version}) first"
-            )
+        self._check_version(expected_version)
         if len(fields) != len(prompts):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(fields)} fields dicts; pass one per prompt")
         cfg = self.gen_cfg
@@ -236,7 +239,54 @@ class Generator:
         params = [self.sampling_params(n=n, temperature=temperature, max_tokens=max_tokens, seed=s) for s in seeds]
         with self._sampler_mode():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return to_samples(outputs, prompts, fields, self.version)
+        return to_samples(outputs, prompts, fields, self.version, seeds)
+
+    def audit(
+        self, prompt_ids: list[int], seed: int, temperature: float, max_tokens: int, expected_version: int
+    ) -> CapturedRun:
+        """Sample one completion of `prompt_ids` alone with `seed`, recording every module's
+        per-token outputs over the prefill and each decode step (the divergence audit).
+
+        Batch invariance makes this the completion the step sampled with the same seed; the
+        recorded rows cover the decode path exactly as it ran.
+        """
+        self._check_version(expected_version)
+        if self.model_cfg.impl != "lockstep":
+            raise ValueError("the audit records lockstep's Qwen3 on both sides; it needs model.impl=lockstep")
+        if not self.gen_cfg.enforce_eager:
+            raise ValueError("the audit's hooks need eager execution: set generator.enforce_eager=true")
+        params = self.sampling_params(n=1, temperature=temperature, max_tokens=max_tokens, seed=seed)
+        with self._sampler_mode(), Capture(self.model().model) as capture:
+            outputs = self.llm.generate([{"prompt_token_ids": list(prompt_ids)}], params, use_tqdm=False)
+        (sample,) = to_samples(outputs, [""], [{}], self.version, [seed])
+        return CapturedRun(
+            prompt_ids=list(sample.prompt_ids),
+            completion_ids=sample.completion_ids,
+            logprobs=sample.logprobs,
+            activations=capture.activations(),
+        )
+
+    def perturb_weight(self, name: str, ulps: int = 1) -> None:
+        """Test aid: move every element of one weight (TorchTitan name, e.g.
+        `layers.1.ffn_norm.weight`) by `ulps` units in the last place, on this generator only.
+        The version stays, so the barrier sees the two sides disagree; -ulps undoes it."""
+        if self.model_cfg.impl != "lockstep":
+            raise ValueError("perturb_weight addresses lockstep's Qwen3 by name; it needs model.impl=lockstep")
+        params = self.model().native_parameters()
+        if name not in params:
+            raise ValueError(f"perturb_weight: no weight {name!r}; names look like {sorted(params)[:3]}")
+        param = params[name]
+        toward = torch.full_like(param, math.inf if ulps > 0 else -math.inf)
+        with torch.no_grad():
+            for _ in range(abs(ulps)):
+                param.copy_(torch.nextafter(param, toward))
+
+    def _check_version(self, expected_version: int) -> None:
+        if expected_version != self.version:
+            raise RuntimeError(
+                f"generator replica {self.replica} holds weights v{self.version}, the step expects "
+                f"v{expected_version}; call update_weights({expected_version}) first"
+            )
 
     def _sampler_mode(self):
         """impl=lockstep: vLLM's sampler computes log_softmax with aten; route that through
@@ -352,6 +402,20 @@ class GeneratorActor(Actor):
         async with self._lock:
             generator = await self._engine()
             await generator.update_weights(version, run=self._run)
+
+    @endpoint
+    async def audit(
+        self, prompt_ids: list[int], seed: int, temperature: float, max_tokens: int, expected_version: int
+    ):
+        async with self._lock:
+            generator = await self._engine()
+            return await self._run(generator.audit, prompt_ids, seed, temperature, max_tokens, expected_version)
+
+    @endpoint
+    async def perturb_weight(self, name: str, ulps: int = 1) -> None:
+        async with self._lock:
+            generator = await self._engine()
+            await self._run(generator.perturb_weight, name, ulps)
 
     @endpoint
     async def version(self) -> int:

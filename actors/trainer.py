@@ -28,6 +28,7 @@ from monarch.actor import Actor, endpoint
 
 from lockstep.actors.grpo import kl_penalty, policy_loss
 from lockstep.actors.types import Sample, TrainBatch
+from lockstep.models.qwen3.capture import Capture, CapturedRun
 
 # The LR schedule is warmup then constant: TorchTitan's schedule wants a total step count,
 # and an RL run has no fixed one.
@@ -316,6 +317,29 @@ class Trainer:
                 mine.extend(t.cpu().clone() for t in lp.split(packed.num_targets))
         return self._gather_strided(mine, len(samples))
 
+    @torch.no_grad()
+    def audit(self, sample: Sample, temperature: float, expected_version: int) -> CapturedRun:
+        """Score one sample alone with every module's per-token outputs recorded (the
+        divergence audit). Every rank must call it: FSDP gathers the weights for the forward."""
+        _check_temperature(temperature)
+        if self.model_cfg.impl != "lockstep":
+            raise ValueError("the audit records lockstep's Qwen3 on both sides; it needs model.impl=lockstep")
+        if expected_version != self.version:
+            raise RuntimeError(
+                f"the trainer holds weights v{self.version}, the audited sample was made with v{expected_version}; "
+                "load the checkpoint of that version first"
+            )
+        packed = pack_samples([sample]).to(self.device)
+        logits_positions = packed.positions[packed.target_index]  # [N], the rows lm_head sees
+        with Capture(self.scorer.model, logits_positions=logits_positions) as capture:
+            logprobs = self.scorer.score(packed, temperature)
+        return CapturedRun(
+            prompt_ids=list(sample.prompt_ids),
+            completion_ids=list(sample.completion_ids),
+            logprobs=logprobs.cpu().clone(),
+            activations=capture.activations(),
+        )
+
     def _gather_strided(self, mine: list, num_total: int) -> list:
         if self.dp_size == 1:
             return mine
@@ -506,6 +530,11 @@ class TrainerActor(Actor):
     @endpoint
     async def load(self, path: str) -> None:
         self.trainer.load(path)
+
+    @endpoint
+    async def audit(self, sample: Sample, temperature: float, expected_version: int) -> CapturedRun | None:
+        run = self.trainer.audit(sample, temperature, expected_version)
+        return run if self.trainer.dp_rank == 0 else None  # rank 0 answers; the others only join FSDP
 
     @endpoint
     async def version(self) -> int:

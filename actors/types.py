@@ -23,6 +23,7 @@ class Sample:
     fields: dict = field(default_factory=dict)  # dataset columns (e.g. the reference answer)
     reward: float | None = None
     advantage: float | None = None
+    seed: int | None = None  # vLLM sampling seed of this completion: alone, it samples the same tokens
 
 
 @dataclass

@@ -15,7 +15,12 @@ POLICIES = ("strict", "measure", "off")
 
 
 class BarrierError(RuntimeError):
-    """Generator and trainer logprobs differ under `loop.barrier=strict`."""
+    """Generator and trainer logprobs differ under `loop.barrier=strict`; `report` says where."""
+
+    def __init__(self, message: str, report: "BarrierReport | None" = None):
+        super().__init__(message)
+        self.report = report
+        self.failed = None  # the loop attaches the FailedSample (controller/audit.py)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ def check(
     if policy == "strict" and report.first_mismatch is not None:
         raise BarrierError(
             f"barrier (strict): {describe(report)}. The optimizer step was not taken; "
-            "run with loop.barrier=measure to train anyway and count differences."
+            "run with loop.barrier=measure to train anyway and count differences.",
+            report,
         )
     return report

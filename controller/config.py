@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True, slots=True)
 class LoopConfig:
     steps: int = 40
-    barrier: str = "measure"  # strict | measure | off (see controller/barrier.py)
+    barrier: str = "strict"  # strict | measure | off (see controller/barrier.py)
     log_dir: str = ""  # empty: runs/<timestamp>
     checkpoint_dir: str = ""  # empty: <log_dir>/checkpoints
     save_every: int = 0  # steps between checkpoints; 0 = only when asked
@@ -56,6 +56,13 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def __post_init__(self):
+        if self.model.impl == "stock" and self.loop.barrier == "strict":
+            raise ValueError(
+                "model.impl=stock does not give bitwise-equal logprobs, so loop.barrier=strict would halt "
+                "the first step; set loop.barrier=measure (or off)"
+            )
 
 
 # What differs from the dataclass defaults in `make demo`: the arithmetic task on a tiny
@@ -163,7 +170,7 @@ def build(cls, data: dict, prefix: str):
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
         text = str(e)
-        raise ConfigError(text if prefix and prefix.split(".")[0] in text else f"{prefix}: {text}") from None
+        raise ConfigError(text if not prefix or prefix.split(".")[0] in text else f"{prefix}: {text}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:

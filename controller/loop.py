@@ -18,6 +18,7 @@ from typing import Any
 from lockstep.actors.grpo import assign_advantages
 from lockstep.actors.types import Sample, TrainBatch
 from lockstep.controller import barrier as barrier_mod
+from lockstep.controller.audit import FailedSample
 
 
 @dataclass
@@ -95,6 +96,18 @@ def _reward_metrics(samples: list[Sample]) -> dict:
     }
 
 
+def _failed_sample(mismatch, samples, trainer_logprobs, prompts, num_replicas, temperature, step) -> FailedSample:
+    """The sample the strict barrier halted on, with what the audit needs to re-run it."""
+    sample = samples[mismatch.sample_index]
+    chunks = split_evenly(len(prompts), num_replicas)
+    replica = next(i for i, (a, b) in enumerate(chunks) if a <= sample.prompt_index < b)
+    return FailedSample(
+        sample=sample, token_position=mismatch.position, temperature=temperature, step=step,
+        sample_index=mismatch.sample_index, replica=replica,
+        trainer_logprobs=trainer_logprobs[mismatch.sample_index].detach().cpu(),
+    )
+
+
 async def run_step(
     handles: Handles,
     prompts: list[str],
@@ -106,7 +119,8 @@ async def run_step(
     num_samples: int | None = None,
     step: int = 0,
 ) -> StepResult:
-    """One synchronous on-policy step. Raises before the optimizer on reward or barrier errors."""
+    """One synchronous on-policy step. Raises before the optimizer on reward or barrier errors;
+    a strict-barrier BarrierError carries `.failed`, the FailedSample to audit."""
     times: dict[str, float] = {}
     step_start = time.perf_counter()
 
@@ -127,12 +141,18 @@ async def run_step(
     if barrier != "off":
         with _timed(times, "score"):
             trainer_logprobs = await handles.trainer.logprobs(samples, temperature)
-        report = barrier_mod.check(
-            barrier,
-            [s.logprobs for s in samples],
-            trainer_logprobs,
-            [s.completion_ids for s in samples],
-        )
+        try:
+            report = barrier_mod.check(
+                barrier,
+                [s.logprobs for s in samples],
+                trainer_logprobs,
+                [s.completion_ids for s in samples],
+            )
+        except barrier_mod.BarrierError as e:
+            e.args = (f"step {step}: {e}",)
+            e.failed = _failed_sample(e.report.first_mismatch, samples, trainer_logprobs, prompts,
+                                      len(handles.generators), temperature, step)
+            raise
 
     with _timed(times, "train"):
         train_stats = await handles.trainer.train_step(TrainBatch(samples=samples, temperature=temperature))

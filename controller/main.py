@@ -2,9 +2,11 @@
 
     python controller/main.py --mesh local-cpu [--config FILE] [--steps N] [section.key=value ...]
     lockstep run --mesh local-cpu [--config FILE] [--steps N] [section.key=value ...]
+    lockstep audit --run RUN_DIR [--mesh MESH]    (also: python controller/main.py audit ...)
 
 With no --config it runs the embedded default: the built-in arithmetic task on a tiny
-randomly initialised model, on this machine's CPU.
+randomly initialised model, on this machine's CPU. `audit` re-runs the sample a run's strict
+barrier halted on (saved in RUN_DIR/audit/) and names the first module whose outputs differ.
 """
 
 import os
@@ -55,20 +57,61 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="the run's log dir (it holds config.json and audit/)")
+    parser.add_argument("--mesh", default=None, help="mesh config (default: the run's)")
+
+
+def audit(args: argparse.Namespace) -> int:
+    """Restart the run's meshes on the weights the failing sample was made with, audit it, print the report."""
+    import json
+
+    from lockstep.controller import audit as audit_mod
+    from lockstep.controller.session import MeshError, Session
+
+    run_dir = os.path.abspath(args.run)
+    saved_dir = os.path.join(run_dir, audit_mod.AUDIT_DIR)
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            saved = json.load(f)
+        failed = audit_mod.FailedSample.load(os.path.join(saved_dir, audit_mod.FAILURE_FILE))
+        config = saved["config"]
+        # This session's own logs go under audit/, leaving the run's untouched.
+        config["loop"].update(log_dir=os.path.join(saved_dir, "rerun"), checkpoint_dir=os.path.join(saved_dir, "rerun"))
+        session = Session(config, mesh=args.mesh or saved.get("mesh_source", saved["mesh"]), echo=False)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: lockstep audit --run {args.run}: {e}", file=sys.stderr)
+        return 2
+    try:
+        with session:
+            session.load(os.path.join(saved_dir, audit_mod.CHECKPOINT_DIR))
+            print(session.audit(failed).summary())
+    except (ValueError, RuntimeError, FileNotFoundError, MeshError) as e:
+        if os.environ.get("LOCKSTEP_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """python controller/main.py [run args]"""
+    """python controller/main.py [run args] | python controller/main.py audit --run DIR"""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["audit"]:
+        return cli(argv)
     parser = argparse.ArgumentParser(prog="controller/main.py", description=__doc__.splitlines()[0])
     _add_run_args(parser)
     return run(parser.parse_args(argv))
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """The `lockstep` console command: `lockstep run ...`."""
+    """The `lockstep` console command: `lockstep run ...`, `lockstep audit --run DIR`."""
     parser = argparse.ArgumentParser(prog="lockstep", description="On-policy RL with bitwise-equal logprobs.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_args(commands.add_parser("run", help="train (same as python controller/main.py)"))
+    _add_audit_args(commands.add_parser("audit", help="name the first module where generator and trainer differ"))
     args = parser.parse_args(argv)
-    return run(args)
+    return audit(args) if args.command == "audit" else run(args)
 
 
 if __name__ == "__main__":

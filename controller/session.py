@@ -5,6 +5,7 @@
         s.generate("12+7=")          # ad-hoc prompts -> list[Sample]
         s.set_reward(my_fn)          # swap the reward function (a callable or "pkg.mod:fn")
         s.metrics                    # history, one dict per step
+        s.audit()                    # after a strict-barrier halt: the first module that differs
 
 Every coroutine runs on one event loop owned by a daemon thread, so the same code works
 under a plain script and inside Jupyter, whose own loop is already running.
@@ -28,6 +29,9 @@ from tqdm.auto import tqdm
 from lockstep.actors import weight_sync
 from lockstep.actors.reward import RewardConfig, RewardFunctionConfig, RewardRunner, merge_strided, pack
 from lockstep.actors.types import Sample
+from lockstep.controller import audit as audit_mod
+from lockstep.controller.audit import AuditReport, FailedSample
+from lockstep.controller.barrier import BarrierError
 from lockstep.controller.config import RunConfig, load_config, to_dict
 from lockstep.controller.data import DEFAULT_REWARDS, PromptStream, load_source
 from lockstep.controller.loop import Handles, generate, run_step
@@ -140,9 +144,11 @@ class Session:
     def __init__(self, config=None, mesh: str = "local-cpu", *, echo: bool = True, **overrides):
         self.config: RunConfig = _config_from(config, overrides)
         self.mesh_config = load_mesh_config(mesh)
+        self._mesh_source = os.path.abspath(mesh) if os.path.isfile(mesh) else mesh  # how to load it again
         self.echo = echo
         self.policy_version = 0
         self.num_steps_done = 0
+        self.last_failure: FailedSample | None = None  # what the strict barrier last halted on
         self._meshes = None
         self._handles: Handles | None = None
         self._reward_handle: _RewardHandle | None = None
@@ -234,7 +240,7 @@ class Session:
         await self._sync_generators()
         self._logger = MetricsLogger(cfg.loop.log_dir, echo=self.echo)
         with open(os.path.join(cfg.loop.log_dir, "config.json"), "w") as f:
-            json.dump({"config": to_dict(cfg), "mesh": self.mesh_config.name}, f, indent=2)
+            json.dump({"config": to_dict(cfg), "mesh": self.mesh_config.name, "mesh_source": self._mesh_source}, f, indent=2)
 
     async def _sync_generators(self) -> None:
         """Bring every generator to the trainer's version (after start, load or a failed step)."""
@@ -290,6 +296,11 @@ class Session:
                 barrier=cfg.loop.barrier, temperature=cfg.generator.temperature,
                 num_samples=cfg.generator.num_samples, step=self.num_steps_done + 1,
             )
+        except BarrierError as e:
+            if e.failed is not None:
+                self.last_failure = e.failed
+                e.args = (f"{e} {await self._keep_failure(e.failed)}",)
+            raise
         except Exception:
             try:
                 await self._sync_generators()  # e.g. trained but the sync failed: realign versions
@@ -300,6 +311,19 @@ class Session:
         self.num_steps_done += 1
         self._logger.log(self.num_steps_done, result.metrics)
         return result.metrics
+
+    async def _keep_failure(self, failed: FailedSample) -> str:
+        """Save the failing sample and the weights it was sampled with under log_dir/audit/
+        (for `lockstep audit --run`); returns the hint that ends the barrier's error."""
+        path = os.path.abspath(os.path.join(self.log_dir, audit_mod.AUDIT_DIR))
+        hint = "To find the first module whose outputs differ: session.audit()"
+        try:
+            os.makedirs(path, exist_ok=True)
+            failed.save(os.path.join(path, audit_mod.FAILURE_FILE))
+            await self._save(os.path.join(path, audit_mod.CHECKPOINT_DIR))
+        except Exception as e:  # the halt is the news; a failed save only loses the CLI route
+            return f"{hint} (saving it for the command line failed: {e!r})."
+        return f"{hint}, or from a shell: lockstep audit --run {os.path.abspath(self.log_dir)} (sample and weights in {path})."
 
     def run(self, num_steps: int | None = None) -> list[dict]:
         """`num_steps` steps (default loop.steps), saving every loop.save_every; returns their metrics."""
@@ -332,14 +356,53 @@ class Session:
         RewardRunner(functions)  # resolve here: a bad path or non-callable fails with a clear line
         self._run(self._reward_handle._call("set_functions", pack(functions)))
 
+    def audit(self, target: FailedSample | Sample | str | None = None, *, token: int | None = None) -> AuditReport:
+        """Re-run one sample on the generator and the trainer with every module's outputs
+        recorded; report the first (position, module) whose outputs differ in any bit.
+
+        target: None = the last strict-barrier failure; a FailedSample, or the path of one saved
+        under a run's log_dir/audit/; or any Sample this session's generators made (e.g. from
+        generate()), audited up to completion token `token` (default: its last).
+        """
+        self._require_started()
+        failed = self._audit_target(target, token)
+        if failed.sample.policy_version != self.policy_version:
+            raise RuntimeError(
+                f"the sample was made with weights v{failed.sample.policy_version}, the session is at "
+                f"v{self.policy_version}; load the checkpoint saved with it (lockstep audit --run DIR does)"
+            )
+        report = self._run(audit_mod.run_audit(self._handles.generators, self._handles.trainer, failed))
+        if self.echo:
+            print(report.summary())
+        return report
+
+    def _audit_target(self, target, token: int | None) -> FailedSample:
+        if target is None:
+            if self.last_failure is None:
+                raise RuntimeError("no strict-barrier failure in this session to audit; pass a sample: audit(sample)")
+            target = self.last_failure
+        if isinstance(target, str):
+            target = FailedSample.load(target)
+        if isinstance(target, Sample):
+            target = FailedSample(sample=target, token_position=len(target.completion_ids) - 1,
+                                  temperature=self.config.generator.temperature)
+        if not isinstance(target, FailedSample):
+            raise TypeError(f"audit(target): pass a FailedSample, a Sample or a path, not {type(target).__name__}")
+        if token is not None:
+            target = dataclasses.replace(target, token_position=token)
+        return target
+
     # -- checkpoints --
 
     def save(self, path: str | None = None) -> str:
         """Trainer state (weights, optimizer) plus the controller's (step, version, data position)."""
         self._require_started()
         path = os.path.abspath(path or os.path.join(self.config.loop.checkpoint_dir, f"step_{self.num_steps_done:06d}"))
+        return self._run(self._save(path))
+
+    async def _save(self, path: str) -> str:
         os.makedirs(path, exist_ok=True)
-        self._run(self._handles.trainer.save(os.path.join(path, "trainer")))
+        await self._handles.trainer.save(os.path.join(path, "trainer"))
         state = {
             "num_steps_done": self.num_steps_done,
             "policy_version": self.policy_version,

@@ -6,7 +6,13 @@ from lockstep.controller.config import ConfigError, LoopConfig, RunConfig, load_
 def test_default_config_is_the_arithmetic_demo():
     cfg = load_config()
     assert isinstance(cfg, RunConfig)
-    assert cfg.data.source == "arithmetic" and cfg.model.path == "" and cfg.loop.barrier == "measure"
+    assert cfg.data.source == "arithmetic" and cfg.model.path == "" and cfg.loop.barrier == "strict"
+
+
+def test_strict_barrier_on_the_stock_model_is_refused_at_load():
+    with pytest.raises(ConfigError, match="model.impl=stock does not give bitwise-equal logprobs.*loop.barrier=measure"):
+        load_config(None, ["model.impl=stock"])
+    assert load_config(None, ["model.impl=stock", "loop.barrier=measure"]).loop.barrier == "measure"
 
 
 def test_yaml_plus_overrides_are_typed(tmp_path):
