@@ -73,9 +73,14 @@ class GeneratorConfig:
             raise ValueError(f"generator.seed={self.seed!r}: must be an int")
 
 
-def configure_process(device_type: str, tp: int) -> None:
+def configure_process(device_type: str, tp: int, impl: str = "lockstep") -> None:
     """Environment vLLM reads at engine start; call before the first `vllm.LLM` of the process."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this proc
+    if impl == "lockstep":
+        # vLLM's V2 GPU runner computes sampled logprobs in its own Triton kernel; the V1
+        # runner's sampler calls aten log_softmax, which kernels.invariant_mode() routes to
+        # the same kernel the trainer's token_logprobs runs.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if device_type == "cuda" and tp == 1 and "LOCAL_RANK" in os.environ:
         # A TP=1 engine uses the first visible GPU: show it only this proc's one.
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -191,7 +196,7 @@ class Generator:
 
     def __init__(self, model_cfg, gen_cfg: GeneratorConfig, device_type: str = "cpu", *, tp: int = 1, dp: int = 1,
                  replica: int = 0):
-        configure_process(device_type, tp)
+        configure_process(device_type, tp, model_cfg.impl)
         from vllm import LLM
 
         self.model_cfg, self.gen_cfg, self.replica = model_cfg, gen_cfg, replica

@@ -115,7 +115,9 @@ def _setup(ctx, inputs, output):
 def _grads(ctx, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
     """grad_x = grad @ W (tree over N), grad_W = grad^T @ x (tree over tokens)."""
     x, w = ctx.saved_tensors
-    g2d = grad.reshape(-1, grad.shape[-1])
+    # linear_partial's grad is fp32 while bf16 operands stay bf16: take grads in the operands'
+    # dtype, as autograd of (x @ w.T).float() does (the GPU kernels take one dtype).
+    g2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
         grad_x = _linear_partial_op(g2d, w.t()).to(x.dtype).reshape(x.shape)
