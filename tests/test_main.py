@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "controller" / "main.py"
@@ -39,6 +40,15 @@ def test_script_path_runs_with_the_installed_package(tmp_path):
     assert result.stderr.strip() == "error: trainer.lr=-1.0: must be > 0"
 
 
+def test_audit_of_a_run_without_a_halt_is_one_clear_line(tmp_path, capsys):
+    from lockstep.controller.main import main
+
+    (tmp_path / "config.json").write_text('{"config": {}, "mesh": "local-cpu"}')
+    assert main(["audit", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: lockstep audit --run {tmp_path}: no failing sample at") and "\n" not in err
+
+
 def test_console_entry_has_run_subcommand(capsys):
     from lockstep.controller.main import cli
 
@@ -57,3 +67,33 @@ def test_two_steps_on_local_cpu(tmp_path):
     assert "lockstep: 2 steps, mean reward" in out
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and any(p.name.startswith("events.out.tfevents") for p in runs[0].iterdir())
+
+
+def _scalars(run_dir: Path) -> dict[str, list[float]]:
+    """TensorBoard scalars of a run, by tag, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_demo_trains_under_the_strict_barrier(tmp_path):
+    """The embedded demo, strict by default, on the real local-cpu meshes (about 1-2 min on
+    2 quiet cores): no logprob differs in any bit on any step, and the mean reward climbs.
+    The whole run is deterministic (seeded data, sampling and init; invariant kernels), so
+    the reward check cannot flake; the slope and the first/last-3 means are two views of it."""
+    num_steps = 12
+    result = run_main("--steps", str(num_steps), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    scalars = _scalars(run_dir)
+    assert scalars["barrier/num_differing_tokens"] == [0.0] * num_steps
+    assert min(scalars["barrier/num_tokens"]) > 0
+    rewards = torch.tensor(scalars["reward/mean"], dtype=torch.float64)
+    assert len(rewards) == num_steps
+    steps = torch.arange(num_steps, dtype=torch.float64)
+    slope = ((steps - steps.mean()) * (rewards - rewards.mean())).sum() / ((steps - steps.mean()) ** 2).sum()
+    assert slope > 0, rewards.tolist()
+    assert rewards[-3:].mean() > rewards[:3].mean(), rewards.tolist()

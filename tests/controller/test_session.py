@@ -1,27 +1,31 @@
 """Session on the real local-cpu meshes: trainer, vLLM generator, reward procs."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from lockstep.actors.reward import RewardError
+from lockstep.controller.barrier import BarrierError
+
+MAIN = Path(__file__).resolve().parents[2] / "controller" / "main.py"
 
 
 def _tiny(tmp_path, **extra):
     from lockstep import Session
 
-    return Session(
-        mesh="local-cpu", echo=False,
-        data={"prompts_per_step": 2}, generator={"num_samples": 2},
-        loop={"log_dir": str(tmp_path / "run"), "barrier": "strict", "save_every": 2}, **extra,
-    )
+    sections = dict(data={"prompts_per_step": 2}, generator={"num_samples": 2},
+                    loop={"log_dir": str(tmp_path / "run"), "barrier": "strict", "save_every": 2})
+    return Session(mesh="local-cpu", echo=False, **{**sections, **extra})
 
 
 def test_calls_before_start_say_so():
     from lockstep import Session
 
     s = Session(echo=False)
-    for call in (s.step, lambda: s.generate("1+1="), lambda: s.set_reward(len), lambda: s.save("x")):
+    for call in (s.step, lambda: s.generate("1+1="), lambda: s.set_reward(len), lambda: s.save("x"), s.audit):
         with pytest.raises(RuntimeError, match="not started; call start"):
             call()
     s.stop()  # nothing to stop: fine
@@ -61,3 +65,41 @@ def test_session_steps_generates_swaps_reward_and_resumes(tmp_path):
         assert (s.policy_version, s.num_steps_done) == (3, 3)
         assert s.step()["policy_version"] == 4  # generators were re-synced to the restored weights
     assert (tmp_path / "run" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_strict_halt_then_audit_in_the_session_and_from_the_command_line(tmp_path):
+    """One generator weight nudged by one ulp: the strict barrier halts before the optimizer,
+    the session stays usable, and the audit names that module; the command line re-runs the
+    saved sample on restarted meshes with the saved weights."""
+    run_dir, weight = tmp_path / "run", "layers.1.ffn_norm.weight"
+    # 16 samples: a one-ulp nudge flips the bits of only some tokens' logprobs
+    with _tiny(tmp_path, data={"prompts_per_step": 4}, generator={"num_samples": 4}) as s:
+        s.step()
+        generator = s._handles.generators[0]
+        s._run(generator.perturb_weight(weight))
+        with pytest.raises(BarrierError, match=r"^step 2: barrier \(strict\): sample \d+ token \d+") as e:
+            s.step()
+        assert "session.audit()" in str(e.value) and f"lockstep audit --run {run_dir}" in str(e.value)
+        # nothing trained, nothing bumped
+        assert (s.policy_version, s.num_steps_done, len(s.metrics)) == (1, 1, 1)
+        assert s._run(s._handles.trainer.version()) == 1
+
+        report = s.audit()
+        assert (report.step, report.policy_version) == (2, 1)
+        assert report.module == "layers.1.ffn_norm" and report.divergence.position == 0
+        assert report.divergence.inputs_equal and report.generator_reproduced and report.trainer_reproduced
+
+        s._run(generator.perturb_weight(weight, ulps=-1))
+        assert s.audit(s.generate("2+2=")[0]).divergence is None
+        assert s.step()["barrier/num_differing_tokens"] == 0  # usable again, at the next version
+        assert s.policy_version == 2
+
+    result = subprocess.run([sys.executable, str(MAIN), "audit", "--run", str(run_dir)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The trainer restarted on the saved v1 weights scores exactly as at the barrier; the nudge
+    # lived only in the old generator's memory, so the restarted one no longer reproduces it.
+    assert "lockstep audit: step 2" in result.stdout and "policy v1" in result.stdout
+    assert "trainer alone:   same logprobs as at the barrier" in result.stdout
+    assert "generator alone: DIFFERENT" in result.stdout and "no difference" in result.stdout
