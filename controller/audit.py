@@ -249,8 +249,10 @@ async def run_audit(generators: list, trainer, failed: FailedSample) -> AuditRep
     if not 0 <= j < len(sample.completion_ids):
         raise ValueError(f"audit: token {j} is outside the sample's {len(sample.completion_ids)} completion tokens")
     version = sample.policy_version
+    # Any replica re-samples it (same weights, the seed travels with the sample); prefer its own.
+    replica = failed.replica if failed.replica < len(generators) else 0
     # Sampling stops at token j: the generator's last forward is the row that predicts it.
-    gen = await generators[failed.replica].audit(sample.prompt_ids, sample.seed, failed.temperature, j + 1, version)
+    gen = await generators[replica].audit(sample.prompt_ids, sample.seed, failed.temperature, j + 1, version)
     # The trainer scores the tokens the re-run sampled, so both sides see one sequence.
     rerun = dataclasses.replace(sample, completion_ids=gen.completion_ids, logprobs=gen.logprobs)
     train = await trainer.audit(rerun, failed.temperature, version)

@@ -66,6 +66,7 @@ class Capture:
         self._call_positions = torch.empty(0, dtype=torch.int64)  # its recorded (leading) positions
         self._records: dict[str, list[tuple[torch.Tensor, list, list]]] = {}
         self._handles: list = []
+        self._error: str | None = None  # raised by activations(), not inside the caller's engine
 
     def __enter__(self) -> "Capture":
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
@@ -83,8 +84,8 @@ class Capture:
         positions = (args[1] if len(args) > 1 else kwargs["positions"]).detach().cpu().clone()  # [T]
         expected = torch.arange(self._next_position, self._next_position + len(positions))
         num_recorded = int((positions == expected).long().cumprod(0).sum())
-        if num_recorded == 0:
-            raise RuntimeError(
+        if num_recorded == 0 and self._error is None:
+            self._error = (
                 f"capture: a forward starts at position {int(positions[0])}, expected {self._next_position}; "
                 "capture one sequence at a time, its tokens in order"
             )
@@ -124,6 +125,8 @@ class Capture:
 
     def activations(self) -> Activations:
         """Every module's calls concatenated by row, in execution order."""
+        if self._error is not None:
+            raise RuntimeError(self._error)
         out = Activations(order=list(self._records), positions={}, outputs={}, inputs={})
         for name, calls in self._records.items():
             out.positions[name] = torch.cat([positions for positions, _, _ in calls])
