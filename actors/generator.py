@@ -27,8 +27,8 @@ from monarch.actor import Actor, current_rank, endpoint
 
 from lockstep.actors.types import Sample
 from lockstep.models.qwen3.capture import Capture, CapturedRun
+from lockstep.models.vllm.plugin import ARCHITECTURE  # plugin.py imports vllm only when called
 
-ARCHITECTURE = "LockstepQwen3ForCausalLM"  # = lockstep.models.vllm.plugin.ARCHITECTURE (no vllm import here)
 LOGPROBS_MODE = "processed_logprobs"
 MIN_CPU_KV_CACHE_BYTES = 16 << 20
 
