@@ -105,8 +105,9 @@ def _warm_imports() -> None:
 
 
 def _check_can_launch(cfg: MeshConfig) -> None:
+    # ValueError: a mesh this machine cannot launch is bad input, reported as one line.
     if cfg.launcher.kind != "local":
-        raise RuntimeError(
+        raise ValueError(
             f"mesh config {cfg.name!r}: launcher {cfg.launcher.kind!r} is not supported yet; "
             "only kind local (this one machine) runs today"
         )
@@ -115,7 +116,7 @@ def _check_can_launch(cfg: MeshConfig) -> None:
 
         num_gpus = torch.cuda.device_count()
         if num_gpus < cfg.gpus:
-            raise RuntimeError(
+            raise ValueError(
                 f"mesh config {cfg.name!r} wants {cfg.gpus} GPUs but this machine has {num_gpus}; "
                 "pick a smaller mesh (e.g. --mesh local-cpu)"
             )

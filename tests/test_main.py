@@ -34,6 +34,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, m
     assert err.startswith(message)
 
 
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        ("h100x16", "error: mesh config 'h100x16': launcher 'slurm' is not supported yet"),
+        pytest.param(
+            "h100x8", "error: mesh config 'h100x8' wants 8 GPUs but this machine has",
+            marks=pytest.mark.skipif(torch.cuda.device_count() >= 8, reason="this machine has 8 GPUs"),
+        ),
+    ],
+)
+def test_a_mesh_this_machine_cannot_launch_is_one_line(tmp_path, monkeypatch, capsys, mesh, message):
+    from lockstep.controller.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--mesh", mesh, "--steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert err.startswith(message)
+
+
 def test_script_path_runs_with_the_installed_package(tmp_path):
     result = run_main("trainer.lr=-1", cwd=tmp_path, timeout=120)
     assert result.returncode == 2

@@ -80,13 +80,13 @@ def test_gpu_env_gives_each_role_its_own_gpus():
 
 def test_unsupported_launcher_fails_at_spawn_not_parse():
     cfg = load_mesh_config("h100x16")  # parses fine
-    with pytest.raises(RuntimeError, match="^mesh config 'h100x16': launcher 'slurm' is not supported yet; only kind local"):
+    with pytest.raises(ValueError, match="^mesh config 'h100x16': launcher 'slurm' is not supported yet; only kind local"):
         asyncio.run(Meshes(cfg).procs("trainer"))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 8, reason="this machine has 8 GPUs")
 def test_gpu_mesh_on_a_small_machine_says_so():
-    with pytest.raises(RuntimeError, match=r"^mesh config 'h100x8' wants 8 GPUs but this machine has \d+; pick a smaller mesh"):
+    with pytest.raises(ValueError, match=r"^mesh config 'h100x8' wants 8 GPUs but this machine has \d+; pick a smaller mesh"):
         asyncio.run(Meshes(load_mesh_config("h100x8")).procs("generator"))
 
 
