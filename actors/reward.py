@@ -164,10 +164,10 @@ class RewardRunner:
         return totals
 
 
-def merge_strided(per_rank: list[list[float]]) -> list[float]:
+def merge_strided(per_rank: list[list]) -> list:
     """Inverse of rank r taking samples[r::world]: interleave the per-rank lists back."""
     world = len(per_rank)
-    merged = [0.0] * sum(len(p) for p in per_rank)
+    merged: list = [None] * sum(len(p) for p in per_rank)
     for rank, values in enumerate(per_rank):
         merged[rank::world] = values
     return merged

@@ -12,7 +12,6 @@ summed by FSDP, and each rank's loss is already divided by the token count of th
 so the sum is the batch token-mean.
 """
 
-import inspect
 import math
 import os
 import shutil
@@ -27,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from monarch.actor import Actor, endpoint
 
 from lockstep.actors.grpo import kl_penalty, policy_loss
+from lockstep.actors.reward import merge_strided
 from lockstep.actors.types import Sample, TrainBatch
 from lockstep.models.qwen3.capture import Capture, CapturedRun
 
@@ -124,8 +124,8 @@ def pack_samples(samples: list[Sample]) -> PackedBatch:
     )
 
 
-# A one-token sequence that ranks with fewer micro-batches run, so every rank makes the same
-# FSDP collectives.
+# A two-token sequence (one target) that ranks with fewer micro-batches run, so every rank
+# makes the same FSDP collectives.
 _FILLER = pack_samples(
     [Sample(prompt_index=-1, prompt="", completion="", prompt_ids=[0], completion_ids=[0],
             logprobs=torch.zeros(1), policy_version=-1)]
@@ -315,7 +315,7 @@ class Trainer:
             lp, packed = self._score(self.scorer, chunk, temperature)
             if chunk:
                 mine.extend(t.cpu().clone() for t in lp.split(packed.num_targets))
-        return self._gather_strided(mine, len(samples))
+        return self._gather_strided(mine)
 
     @torch.no_grad()
     def audit(self, sample: Sample, temperature: float, expected_version: int) -> CapturedRun:
@@ -340,15 +340,12 @@ class Trainer:
             activations=capture.activations(),
         )
 
-    def _gather_strided(self, mine: list, num_total: int) -> list:
+    def _gather_strided(self, mine: list) -> list:
         if self.dp_size == 1:
             return mine
         per_rank: list = [None] * self.dp_size
         dist.all_gather_object(per_rank, mine, group=self.dp_mesh.get_group())
-        out = [None] * num_total
-        for rank, items in enumerate(per_rank):
-            out[rank :: self.dp_size] = items
-        return out
+        return merge_strided(per_rank)
 
     # -- training --
 
@@ -443,9 +440,7 @@ class Trainer:
             raise ValueError(f"push_weights({version}): the trainer's weights are at version {self.version}")
         from lockstep.actors.weight_sync import push_state_dict
 
-        result = push_state_dict(self.scorer.hf_state_dict(), version)
-        if inspect.isawaitable(result):
-            await result
+        await push_state_dict(self.scorer.hf_state_dict(), version)
 
     def _checkpoint_state(self) -> dict:
         from torchtitan.components.checkpoint import ModelWrapper
