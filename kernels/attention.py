@@ -90,7 +90,7 @@ def _varlen_layout(cu_seqlens: Tensor, num_tokens: int):
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[::2] != k.shape[::2]:
         shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         raise ValueError(f"attention: q [T, Hq, D], k and v [T, Hkv, D] expected, got {shapes}")
     if q.shape[1] % k.shape[1]:
@@ -249,6 +249,10 @@ def _attention_paged_op(
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"attention_paged: Hq={q.shape[1]} must be a multiple of Hkv={k_cache.shape[2]}")
     _check_cu(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if seq_lens.shape != (num_seqs,) or block_table.dim() != 2 or block_table.shape[0] != num_seqs:
+        shapes = f"seq_lens {tuple(seq_lens.shape)}, block_table {tuple(block_table.shape)}"
+        raise ValueError(f"attention_paged: seq_lens must be [B={num_seqs}] and block_table [B, MB], got {shapes}")
     fn = triton_fn("attention", "attention_paged_fwd") if q.is_cuda else None
     if fn is None:
         return attention_paged_reference(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale)

@@ -148,11 +148,17 @@ def test_bad_input_names_the_fix():
         attention_varlen(q, kv, kv, _cu([4]), 1.0)
     with pytest.raises(ValueError, match="rise from 0 to T"):
         attention_varlen(q[:, :2], kv, kv, _cu([3]), 1.0)
+    with pytest.raises(ValueError, match=r"k and v \[T, Hkv, D\]"):
+        attention_varlen(q[:, :2], kv[:3], kv[:3], _cu([4]), 1.0)
     cache = torch.zeros(2, 4, 2, 32)
     with pytest.raises(ValueError, match="seq_lens must include them"):
         attention_paged(q[:, :2], cache, cache, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([2]), _cu([4]), 1.0)
     with pytest.raises(ValueError, match="block_table holds 8 slots"):
         attention_paged(q[:, :2], cache, cache, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([9]), _cu([4]), 1.0)
+    with pytest.raises(ValueError, match=r"seq_lens must be \[B=1\]"):
+        attention_paged(q[:, :2], cache, cache, torch.zeros(1, 2, dtype=torch.int32), torch.tensor([4, 4]), _cu([4]), 1.0)
+    with pytest.raises(ValueError, match=r"block_table \[B, MB\]"):
+        attention_paged(q[:, :2], cache, cache, torch.zeros(2, 2, dtype=torch.int32), torch.tensor([4]), _cu([4]), 1.0)
 
 
 def test_opcheck():
