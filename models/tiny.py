@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from lockstep.models import DTYPES
+
 # ids 0.. in this order, then reserved pads, then characters.
 # eos = <|endoftext|>, pad = <|pad|>, unknown characters -> <unk>.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<unk>")
@@ -27,7 +29,6 @@ VOCABS = {
     # Free text (prompts with words), still one token per character.
     "ascii": "\n" + "".join(chr(c) for c in range(32, 127)),
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _vocab_tokens(vocab: str) -> tuple[list[str], list[str]]:
@@ -121,8 +122,8 @@ def write_tiny_checkpoint(
     """
     if vocab not in VOCABS:
         raise ValueError(f"vocab={vocab!r}: choose one of {sorted(VOCABS)}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     if head_dim % 32 or not 32 <= head_dim <= 256:
         raise ValueError(f"head_dim={head_dim}: use a multiple of 32 in [32, 256] (vLLM CPU attention)")
     if num_heads % num_kv_heads:
@@ -170,7 +171,7 @@ def write_tiny_checkpoint(
     special_tokens_map = {k: tokenizer_config[k] for k in ("eos_token", "pad_token", "unk_token")}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = _hf_weights(config, seed, _DTYPES[dtype])
+    weights = _hf_weights(config, seed, DTYPES[dtype])
     _write_if_changed(out / "model.safetensors", safetensors_bytes(weights, metadata={"format": "pt"}))
     _write_if_changed(out / "config.json", _json_bytes(config))
     _write_if_changed(
