@@ -3,6 +3,7 @@
 import torch
 
 import lockstep.kernels as K
+from lockstep.kernels import aten_override
 
 
 def _rows_match(fn, full_input, row):
@@ -44,14 +45,21 @@ def test_log_softmax_and_mean_when_enabled():
         assert logits.bfloat16().mean(dim=-1).dtype == torch.bfloat16
 
 
-def test_autograd_still_works_and_disable_restores():
+def test_autograd_still_works_and_disable_restores(monkeypatch):
     a = torch.randn(8, 40, requires_grad=True)
     b = torch.randn(40, 5, requires_grad=True)
     with K.invariant_mode():
         (a @ b).sum().backward()
     torch.testing.assert_close(a.grad, torch.ones(8, 5) @ b.detach().T)
+    # Count the calls that reach lockstep's matmul: only while enabled.
+    calls = []
+    matmul = aten_override._matmul
+    monkeypatch.setattr(aten_override, "_matmul", lambda x, y: calls.append(1) or matmul(x, y))
     K.enable()
     K.enable()  # idempotent
+    a.detach() @ b.detach()
+    assert len(calls) == 1
     K.disable()
     assert not K.is_enabled()
-    torch.testing.assert_close(a.detach() @ b.detach(), (a.double() @ b.double()).float())
+    a.detach() @ b.detach()
+    assert len(calls) == 1  # aten's own mm again
