@@ -31,7 +31,7 @@ ROLE_DIM_NAMES = {
     "reward": ("dp",),
 }
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
-_meshes: dict[tuple["Layout", str], DeviceMesh] = {}  # this proc's meshes, built once
+_meshes: dict["Layout", DeviceMesh] = {}  # this proc's meshes, built once
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,15 +57,15 @@ class Layout:
         return self.shape[self.dim_names.index(dim)]
 
 
-def init_distributed(layout: Layout, device_type: str | None = None) -> DeviceMesh:
+def init_distributed(layout: Layout) -> DeviceMesh:
     """Join this proc's role world (gloo on CPU, nccl on GPU) and return its DeviceMesh.
 
     Idempotent: a second call returns the same DeviceMesh. If torch.distributed is already up
     (e.g. vLLM's external launcher joined the same world first), the mesh is built on top of it.
     """
-    device_type = device_type or layout.device_type
-    if (layout, device_type) in _meshes:
-        return _meshes[layout, device_type]
+    device_type = layout.device_type
+    if layout in _meshes:
+        return _meshes[layout]
     world_size = int(_env("WORLD_SIZE", layout))
     rank = int(_env("RANK", layout))
     if world_size != layout.num_procs:
@@ -83,7 +83,7 @@ def init_distributed(layout: Layout, device_type: str | None = None) -> DeviceMe
             f"{dist.get_world_size()}, the layout needs {world_size}"
         )
     mesh = init_device_mesh(device_type, layout.shape, mesh_dim_names=layout.dim_names)
-    _meshes[layout, device_type] = mesh
+    _meshes[layout] = mesh
     return mesh
 
 
