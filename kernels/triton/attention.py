@@ -311,7 +311,7 @@ def attention_varlen_fwd(q, k, v, cu_seqlens, scale: float):
     """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [B+1] -> (out [T, Hq, D], lse fp32 [T, Hq])."""
     q, k, v = _heads_view(q), _heads_view(k), _heads_view(v)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    cu = cu_seqlens.to(torch.int32)
+    cu = cu_seqlens.to(torch.int32).contiguous()
     # seq_lens / block_table are not read in the varlen layout; any int32 tensors do.
     out = _launch_fwd(q, k, v, cu, cu, cu[None, :], 1, scale, False, lse)
     return out, lse
@@ -331,7 +331,8 @@ def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
     k_rows = k_cache.as_strided((num_rows, num_kv_heads, head_dim), (row_stride, head_dim, 1))
     v_rows = v_cache.as_strided((num_rows, num_kv_heads, head_dim), (row_stride, head_dim, 1))
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
-    return _launch_fwd(_heads_view(q), k_rows, v_rows, cu_seqlens_q.to(torch.int32), seq_lens.to(torch.int32),
+    return _launch_fwd(_heads_view(q), k_rows, v_rows, cu_seqlens_q.to(torch.int32).contiguous(),
+                       seq_lens.to(torch.int32).contiguous(),
                        table.to(torch.int32), block_size, scale, True, None, rows_per_block)
 
 
@@ -347,7 +348,7 @@ def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):
     num_seqs = cu_seqlens.shape[0] - 1
     if num_tokens == 0 or num_seqs == 0:
         return dq, dk, dv
-    cu = cu_seqlens.to(torch.int32)
+    cu = cu_seqlens.to(torch.int32).contiguous()
     block_d = max(16, triton.next_power_of_2(head_dim))
     delta = torch.empty(num_tokens * num_q_heads, dtype=torch.float32, device=q.device)
     rows = 32
@@ -375,6 +376,6 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
         return
     row = num_kv_heads * head_dim
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k_cache.shape[1], k.stride(0), v.stride(0),
+        k, v, k_cache, v_cache, slot_mapping.contiguous(), k_cache.shape[1], k.stride(0), v.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4)

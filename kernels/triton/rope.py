@@ -55,7 +55,7 @@ def rope_fwd(q, k, positions, cos_sin_cache, inverse: bool):
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens:
         _rope_kernel[(num_tokens,)](
-            q, k, q_out, k_out, positions, cache, num_q_heads, k.shape[1],
+            q, k, q_out, k_out, positions.contiguous(), cache, num_q_heads, k.shape[1],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cache.stride(0),
             INVERSE=bool(inverse), HALF=head_dim // 2, BLOCK_HQ=triton.next_power_of_2(num_q_heads),
