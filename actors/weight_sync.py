@@ -210,5 +210,5 @@ async def _manifest(client, version: int) -> dict:
     key = manifest_key(version)
     if not await client.exists(key):
         latest = await latest_version()
-        raise KeyError(f"policy version {version} is not in the store (latest complete version: {latest}); push it first")
+        raise RuntimeError(f"policy version {version} is not in the store (latest complete version: {latest}); push it first")
     return await client.get(key)
