@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from lockstep.kernels._tree import _leaf_slots
+from lockstep.kernels.logprobs import TILE_V  # one tile size for both devices (vocab shards)
 
-TILE_V = 256
 _TILES_PER_STEP = 16  # tiles loaded per loop step: [16, 256]
 
 
