@@ -7,7 +7,6 @@ batch of 64, in-place weight reloads leave no stale state, and impl=stock still 
 Engines are shared per module (each start costs seconds).
 """
 
-import itertools
 import shutil
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from lockstep.actors.generator import Generator, GeneratorConfig
+from lockstep.actors.trainer import pack_samples
 from lockstep.models import ModelConfig, build_model
 from lockstep.models.qwen3 import read_safetensors, token_logprobs_packed
 from lockstep.models.tiny import write_tiny_checkpoint
@@ -99,19 +99,11 @@ def _same(a, b) -> bool:
 @torch.no_grad()
 def trainer_logprobs(model, samples, temperature: float) -> list[torch.Tensor]:
     """The trainer's side: one packed varlen forward over prompt + completion of every sample."""
-    seqs = [s.prompt_ids + s.completion_ids for s in samples]
-    starts = list(itertools.accumulate((len(x) for x in seqs), initial=0))
-    tokens = torch.tensor(sum(seqs, []), device=DEVICE)
-    positions = torch.cat([torch.arange(len(x)) for x in seqs]).to(DEVICE)
-    cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
-    # Completion token j of a sample is predicted at the row before it.
-    target_index = torch.tensor(
-        [start + len(s.prompt_ids) - 1 + j for start, s in zip(starts, samples) for j in range(len(s.completion_ids))],
-        device=DEVICE,
+    batch = pack_samples(samples).to(torch.device(DEVICE))
+    flat = token_logprobs_packed(
+        model, batch.tokens, batch.positions, batch.cu_seqlens, batch.target_index, batch.target_ids, temperature
     )
-    target_ids = torch.tensor([t for s in samples for t in s.completion_ids], device=DEVICE)
-    flat = token_logprobs_packed(model, tokens, positions, cu_seqlens, target_index, target_ids, temperature)
-    return list(flat.cpu().split([len(s.completion_ids) for s in samples]))
+    return list(flat.cpu().split(batch.num_targets))
 
 
 @pytest.mark.parametrize("temperature", [0.7, 0.0])
