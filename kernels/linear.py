@@ -74,8 +74,13 @@ def _check(x: Tensor, w: Tensor) -> None:
         raise ValueError(f"linear: x [..., K] and weight [N, K] disagree: {tuple(x.shape)} vs {tuple(w.shape)}")
 
 
+def _triton(name: str, x2d: Tensor, w: Tensor):
+    """The Triton function for CUDA operands, else None; fp64 (no Triton kernel) takes the reference."""
+    return triton_fn("linear", name) if x2d.is_cuda and _acc_dtype(x2d, w) == torch.float32 else None
+
+
 def _partial_2d(x2d: Tensor, w: Tensor) -> Tensor:
-    fn = triton_fn("linear", "linear_partial") if x2d.is_cuda and _acc_dtype(x2d, w) == torch.float32 else None
+    fn = _triton("linear_partial", x2d, w)
     return fn(x2d, w) if fn is not None else linear_partial_reference(x2d, w)
 
 
@@ -89,7 +94,7 @@ def _linear_partial_op(x: Tensor, weight: Tensor) -> Tensor:
 def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     _check(x, weight)
     x2d = x.reshape(-1, x.shape[-1])
-    fn = triton_fn("linear", "linear_fwd") if x.is_cuda else None
+    fn = _triton("linear_fwd", x2d, weight)
     if fn is not None:
         out = fn(x2d, weight, bias, x.dtype)
     else:
