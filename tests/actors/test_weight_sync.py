@@ -9,7 +9,6 @@ tensors, and 2 procs with TP Shard(1) DTensors. Every received tensor must be bi
 import asyncio
 import os
 import sys
-import time
 
 import cloudpickle
 import pytest
@@ -107,7 +106,7 @@ def _mesh_cfg(generator_tp: int) -> MeshConfig:
 
 
 @pytest.fixture(scope="module")
-def meshes():
+def meshes(proc_gone):
     """Trainer (2 procs, store volumes) + a 1-proc generator + a 2-proc TP generator."""
     full, tp = Meshes(_mesh_cfg(1)), Meshes(_mesh_cfg(2))
     loop = asyncio.new_event_loop()
@@ -134,16 +133,8 @@ def meshes():
     finally:
         loop.run_until_complete(stop())
         loop.close()
-    assert all(_gone(pid) for pid in pids), "procs still alive after shutdown"
+    assert all(proc_gone(pid) for pid in pids), "procs still alive after shutdown"
 
-
-def _gone(pid: int, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def _values(value_mesh) -> list:

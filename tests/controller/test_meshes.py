@@ -3,7 +3,6 @@
 import asyncio
 import os
 import sys
-import time
 
 import cloudpickle
 import pytest
@@ -43,16 +42,8 @@ class Worker(Actor):
         }
 
 
-def _gone(pid: int, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
-            return True
-        time.sleep(0.2)
-    return False
 
-
-def test_two_cpu_procs_all_reduce_and_exit():
+def test_two_cpu_procs_all_reduce_and_exit(proc_gone):
     cfg = MeshConfig(device="cpu", procs=4, trainer=TrainerRole(dp=2), generator=GeneratorRole(), reward=RewardRole())
 
     async def run():
@@ -67,7 +58,7 @@ def test_two_cpu_procs_all_reduce_and_exit():
         assert r["sum"] == 3.0  # 1 + 2
         assert r["tp_sum"] == 1.0  # tp groups have one member each
         assert r["dims"] == ("dp_shard", "tp") and r["shape"] == (2, 1)
-    assert all(_gone(r["pid"]) for r in results), "procs still alive after shutdown"
+    assert all(proc_gone(r["pid"]) for r in results), "procs still alive after shutdown"
 
 
 def test_gpu_env_gives_each_role_its_own_gpus():
