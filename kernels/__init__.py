@@ -8,8 +8,9 @@ from lockstep.kernels.activation import silu_mul
 from lockstep.kernels.aten_override import disable, enable, invariant_mode, is_enabled
 from lockstep.kernels.attention import attention_paged, attention_varlen
 from lockstep.kernels.kv_cache import write_kv_cache
-from lockstep.kernels.linear import TILE_K, linear, linear_partial, tree_combine
+from lockstep.kernels.linear import TILE_K, linear, linear_group, linear_partial, tree_combine
 from lockstep.kernels.logprobs import log_softmax, token_logprobs
+from lockstep.kernels.qk_norm_rope import qk_norm_rope
 from lockstep.kernels.rms_norm import add_rms_norm, rms_norm
 from lockstep.kernels.rope import rope, rope_cache
 
@@ -23,8 +24,10 @@ __all__ = [
     "invariant_mode",
     "is_enabled",
     "linear",
+    "linear_group",
     "linear_partial",
     "log_softmax",
+    "qk_norm_rope",
     "rms_norm",
     "rope",
     "rope_cache",

@@ -238,16 +238,18 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_varlen_op.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("lockstep::attention_paged", mutates_args=())
+@torch.library.custom_op("lockstep::attention_paged", mutates_args=("out",))
 def _attention_paged_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, cu_seqlens_q: Tensor,
-    scale: float,
-) -> Tensor:
+    scale: float, out: Tensor,
+) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[-1] != q.shape[-1]:
         want = f"[NB, BS, Hkv, D={q.shape[-1]}]"
         raise ValueError(f"attention_paged: k_cache and v_cache must be {want}, got {tuple(k_cache.shape)}")
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"attention_paged: Hq={q.shape[1]} must be a multiple of Hkv={k_cache.shape[2]}")
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"attention_paged: out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     _check_cu(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
     num_seqs = cu_seqlens_q.shape[0] - 1
     if seq_lens.shape != (num_seqs,) or block_table.dim() != 2 or block_table.shape[0] != num_seqs:
@@ -255,13 +257,9 @@ def _attention_paged_op(
         raise ValueError(f"attention_paged: seq_lens must be [B={num_seqs}] and block_table [B, MB], got {shapes}")
     fn = triton_fn("attention", "attention_paged_fwd") if q.is_cuda else None
     if fn is None:
-        return attention_paged_reference(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale)
-    return fn(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale)
-
-
-@_attention_paged_op.register_fake
-def _(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale):
-    return torch.empty_like(q)
+        out.copy_(attention_paged_reference(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale))
+    else:
+        fn(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale, out=out)
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
@@ -269,11 +267,15 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale:
     return _attention_varlen_op(q, k, v, cu_seqlens, float(scale))[0]
 
 
-def attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float) -> Tensor:
+def attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float,
+                    out: Tensor | None = None) -> Tensor:
     """Same math over a paged cache [NB, BS, Hkv, D] (inference only: no backward).
 
     q [T, Hq, D] holds the new tokens of each sequence, which are its LAST
     cu_seqlens_q[b+1]-cu_seqlens_q[b] positions; seq_lens[b] counts them, and their K/V
-    are already written (`write_kv_cache`).
+    are already written (`write_kv_cache`). Writes `out` (e.g. vLLM's output buffer; new if
+    None) and returns it; rows of q past cu_seqlens_q[-1] (padding) are not written.
     """
-    return _attention_paged_op(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, float(scale))
+    out = torch.empty_like(q) if out is None else out
+    _attention_paged_op(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, float(scale), out)
+    return out

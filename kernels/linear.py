@@ -1,14 +1,13 @@
-"""Batch-invariant, TP-ready linear: y = x @ W^T (+ b), fp32 accumulation.
+"""Batch-invariant linear: y = x @ W^T (+ b), fp32 accumulation.
 
-K is cut into tiles of TILE_K; a tile's fp32 products are summed by halving, and the tile
-partials are folded in the balanced tree of `_tree.tree_fold`. No BLAS: its order depends
-on M. Tensor parallelism over K (row-parallel linear): each rank calls `linear_partial` on
-its shard and the S partials go through `tree_combine`, which equals the unsplit `linear`
-bit for bit when
-  * every shard boundary falls on a TILE_K boundary (K_per_rank a multiple of TILE_K),
-  * all shards hold the same number of tiles and S is a power of two.
-(Pad K with zero columns in x and W to reach that; zero tiles add exact zeros.)
-Gather the partials and call `tree_combine`; an all-reduce sum would add them in NCCL's order.
+CPU (the reference): K is cut into tiles of TILE_K; a tile's fp32 products are summed by
+halving, and the tile partials are folded in the balanced tree of `_tree.tree_fold`. No BLAS:
+its order depends on M. On this tree, K-shards combine exactly: `tree_combine` of the S
+`linear_partial`s of equal, TILE_K-aligned shards (S a power of two) equals the unsplit result.
+CUDA runs its own fixed order (chains of `triton.linear.CHAIN_K`), see kernels/triton/README.md.
+
+`linear_group(x, [w0, w1, ...])` is `cat([linear(x, w) for w in ws], -1)` bit for bit, in one
+launch on CUDA (q/k/v and gate/up share their input).
 """
 
 from typing import Optional
@@ -154,9 +153,59 @@ _linear_partial_op.register_autograd(_linear_partial_backward, setup_context=_se
 _linear_op.register_autograd(_linear_backward, setup_context=_setup_linear)
 
 
+@torch.library.custom_op("lockstep::linear_group", mutates_args=())
+def _linear_group_op(x: Tensor, weights: list[Tensor]) -> Tensor:
+    for w in weights:
+        _check(x, w)
+    x2d = x.reshape(-1, x.shape[-1])
+    fn = _triton("linear_group_fwd", x2d, weights[0])
+    if fn is not None:
+        out = fn(x2d, weights, x.dtype)
+    else:
+        out = torch.cat([_partial_2d(x2d, w).to(x.dtype) for w in weights], dim=-1)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@_linear_group_op.register_fake
+def _(x, weights):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+def _setup_group(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], *inputs[1])
+
+
+def _linear_group_backward(ctx, grad):
+    """grad_x = sum_i grad_i @ W_i in fp32, in weight order (one rounding); grad_W_i as in linear."""
+    x, *weights = ctx.saved_tensors
+    g2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
+    x2d = x.reshape(-1, x.shape[-1])
+    grad_x, grad_ws, col = None, [], 0
+    for w in weights:
+        g = g2d[:, col : col + w.shape[0]]
+        col += w.shape[0]
+        if ctx.needs_input_grad[0]:
+            part = _linear_partial_op(g, w.t())
+            grad_x = part if grad_x is None else grad_x + part
+        grad_ws.append(_linear_partial_op(g.t(), x2d.t()).to(w.dtype) if ctx.needs_input_grad[1] else None)
+    if grad_x is not None:
+        grad_x = grad_x.to(x.dtype).reshape(x.shape)
+    return grad_x, grad_ws
+
+
+_linear_group_op.register_autograd(_linear_group_backward, setup_context=_setup_group)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """x [..., K], weight [N, K], bias [N] | None -> [..., N] in x's dtype (fp32 accumulation)."""
     return _linear_op(x, weight, bias)
+
+
+def linear_group(x: Tensor, weights: "list[Tensor] | tuple[Tensor, ...]") -> Tensor:
+    """x [..., K], weights [N_i, K] (1-3) -> [..., sum N_i] = cat of `linear(x, w_i)` (no bias)."""
+    if not 0 < len(weights) <= 3:
+        raise ValueError(f"linear_group takes 1-3 weights sharing x, got {len(weights)}")
+    return _linear_group_op(x, list(weights))
 
 
 def linear_partial(x: Tensor, weight_shard: Tensor) -> Tensor:

@@ -282,14 +282,18 @@ def _check_heads(q: torch.Tensor, num_kv_heads: int) -> int:
     return group
 
 
-def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scale, paged, lse, rows_per_block=None):
+def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scale, paged, lse, rows_per_block=None,
+                out=None):
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_rows.shape[1]
     group = _check_heads(q, num_kv_heads)
     if k_rows.dtype != q.dtype or v_rows.dtype != q.dtype:
         raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k_rows.dtype}, {v_rows.dtype}")
     block_m, block_n, num_warps, precision = _FWD[q.dtype]
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.stride(-1) != 1:
+        raise ValueError("attention: out must have unit stride on head_dim")
     num_seqs = cu_q.shape[0] - 1
     if num_tokens == 0 or num_seqs == 0:
         return out
@@ -316,8 +320,9 @@ def attention_varlen_fwd(q, k, v, cu_seqlens, scale: float):
     return out, lse
 
 
-def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float):
-    """q [T, Hq, D]; caches [NB, BS, Hkv, D]; block_table int [B, MB]; seq_lens [B]; cu_seqlens_q [B+1]."""
+def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float, out=None):
+    """q [T, Hq, D]; caches [NB, BS, Hkv, D]; block_table int [B, MB]; seq_lens [B]; cu_seqlens_q [B+1].
+    Writes `out` [T, Hq, D] (new if None): the rows of the sequences' new tokens."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     row_stride = num_kv_heads * head_dim
     if k_cache.stride()[1:] != (row_stride, head_dim, 1) or k_cache.stride(0) % row_stride:
@@ -332,7 +337,7 @@ def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     return _launch_fwd(_heads_view(q), k_rows, v_rows, cu_seqlens_q.to(torch.int32).contiguous(),
                        seq_lens.to(torch.int32).contiguous(),
-                       table.to(torch.int32), block_size, scale, True, None, rows_per_block)
+                       table.to(torch.int32), block_size, scale, True, None, rows_per_block, out)
 
 
 def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):

@@ -2,23 +2,25 @@
 
 The arithmetic of one output element is fixed by K and the dtype alone (never by M, the grid,
 the strides, or a run):
-  * K is cut into `num_chains(K)` equal chains (1, 2 or 4). Inside a chain, BLOCK_K-wide slices
-    are accumulated in increasing k by `tl.dot` into an fp32 accumulator that starts at zero.
-  * The chain partials are added in README.md's balanced tree: c0+c1, (c0+c1)+(c2+c3).
-num_chains(K) = 2**min(2, number of factors 2 in K/1024) (1 if 1024 does not divide K). When
-K/1024 has at most two factors 2 (Qwen3: K = 2048, 4096, 6144, 12288), a shard of K/S columns
-(S = 2 or 4, S <= num_chains) has num_chains/S chains of the same length, i.e. it computes
-exactly a subtree, so `tree_combine` of the S shard partials equals the unsplit result bit for
-bit (tensor parallel over K). The GPU does not walk the TILE_K=32 tree of the CPU reference
-all the way down: each pending node of that tree is a 128x128 fp32 tile, and a third one held in
-registers already spills inside the k loop (ptxas, sm_90); with 4 chains, c0+c1 waits in a
-per-program scratch tile instead.
+  * K is cut into chains of CHAIN_K columns (the last one zero padded). Inside a chain,
+    BLOCK_K-wide slices are accumulated in increasing k by `tl.dot` into an fp32 accumulator
+    that starts at zero.
+  * The chain partials are added left to right: total = ((0 + c0) + c1) + c2 ...
 
-What M changes is only who computes what: with few output tiles (decode) each chain runs in its
-own program and writes an fp32 partial, and a second kernel adds them in the same tree; with many
-tiles persistent programs walk all chains of a tile. Loads go through TMA when the operands'
-layout allows it (K-major or transposed views, 16-byte aligned), else through pointers. None of
-these choices changes a bit of the result (tests/kernels/test_triton_linear.py checks it).
+What M changes is only who computes what. Few output tiles (decode): one program per (tile,
+chain) writes its fp32 partial, and the last program of a tile to finish adds the partials in
+chain order (a counter per tile says which is last; nothing is added in arrival order). Many
+tiles (prefill, training): one program per tile walks K once, adding each chain's accumulator to
+the total at the chain's end. Tiles may be 64 or 128 rows: both run the same m64n128k16 MMA per
+warpgroup over the same k order. Loads go through TMA when the operands allow it, else through
+pointers. None of these choices changes a bit (tests/kernels/test_triton_linear.py).
+
+`linear_group_fwd` runs weights that share x (q/k/v, gate/up) as one [sum N_i, K] operand when
+they are consecutive rows of one buffer: one launch, each column's arithmetic that of its own
+weight's `linear`.
+
+Tensor parallel does not split K (row-parallel layers gather their input instead), so the
+chain length is free to serve decode: CHAIN_K = 512 gives K / 512 programs per output tile.
 """
 
 import ctypes
@@ -34,31 +36,42 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: pointer loads only
     TensorDescriptor = None
 
-# One tile config per dtype, for every M: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
-_CONFIGS = {
-    torch.bfloat16: (128, 128, 64, 8),
-    torch.float16: (128, 128, 64, 8),
-    torch.float32: (64, 64, 32, 8),  # exact fp32 products (ieee), used by tests and fp32 models
+# One arithmetic per dtype: (BLOCK_K, dot precision); CHAIN_K is a multiple of every BLOCK_K.
+CHAIN_K = 512
+_ARITH = {
+    torch.bfloat16: (64, "tf32"),
+    torch.float16: (64, "tf32"),
+    torch.float32: (32, "ieee"),  # exact fp32 products (FMA), used by tests and fp32 models
 }
-CHAIN_UNIT = 1024  # a chain is a multiple of this many columns
-MAX_CHAINS = 4
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # CPU interpreter: no inline asm
-_MAX_PARK_BYTES = 256 << 20  # scratch for c0+c1 with 4 chains (one fp32 tile per output tile)
+# Tile shapes per dtype, (BLOCK_M, BLOCK_N, num_warps): "big" for many tiles, "small" for decode.
+# bf16/fp16: 64 rows on one warpgroup or 128 on two issue the same MMA per warpgroup.
+_TILES = {
+    torch.bfloat16: {"big": (128, 128, 8), "small": (64, 128, 4)},
+    torch.float16: {"big": (128, 128, 8), "small": (64, 128, 4)},
+    torch.float32: {"big": (64, 64, 8), "small": (64, 64, 8)},
+}
+_SMALL_M = 64  # M at or below this takes the "small" tiles (speed only)
+_FOLD_IN_KERNEL = True  # split: the last program of a tile folds (else a second kernel does)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MAX_COUNTERS = 1 << 16  # output tiles of one split launch (a counter each)
 
 
 def num_chains(k: int) -> int:
-    """The largest power of two <= MAX_CHAINS dividing K / CHAIN_UNIT (1 if CHAIN_UNIT does not divide K)."""
-    if k % CHAIN_UNIT:
-        return 1
-    n, chains = k // CHAIN_UNIT, 1
-    while chains < MAX_CHAINS and n % (2 * chains) == 0:
-        chains *= 2
-    return chains
+    return max(1, triton.cdiv(k, CHAIN_K))
 
 
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _counters(device: torch.device) -> torch.Tensor:
+    """Per-device tile counters of the split path; every launch leaves them at zero again.
+
+    Allocated on first use, which is eager (vLLM warms up before it captures a graph); kernels
+    of one stream run one after another, so they can share it."""
+    return torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -75,44 +88,68 @@ def _tile_ids(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M:
 
 
 @triton.jit
-def _chain(x, w, off_m, off_n, k_start, num_k_tiles, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+def _load_slice(x, w, k, off_m, off_n, offs_m, offs_n, offs_k, M, N_w, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, X_T: tl.constexpr, W_T: tl.constexpr):
+    """x[off_m:+BM, k:+BK] and w[off_n:+BN, k:+BK]^T; out-of-range rows/columns read as zeros."""
+    if USE_TMA:
+        if X_T:
+            a = x.load([k, off_m]).T
+        else:
+            a = x.load([off_m, k])
+        if W_T:
+            b = w.load([k, off_n])
+        else:
+            b = w.load([off_n, k]).T
+    else:
+        ks = k + offs_k
+        x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + ks[None, :].to(tl.int64) * stride_xk
+        w_ptrs = w + offs_n[None, :].to(tl.int64) * stride_wn + ks[:, None].to(tl.int64) * stride_wk
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=(offs_m < M)[:, None], other=0.0)
+            b = tl.load(w_ptrs, mask=(offs_n < N_w)[None, :], other=0.0)
+        else:
+            a = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (ks < K)[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=(ks < K)[:, None] & (offs_n < N_w)[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _chain(x, w, off_m, off_n, k_start, num_slices, M, N_w, K, stride_xm, stride_xk, stride_wn, stride_wk,
            EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, X_T: tl.constexpr, W_T: tl.constexpr,
            PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One chain: the fp32 sum over BLOCK_K slices k_start, k_start + BLOCK_K, ... starting from zero."""
+    """One chain: the fp32 sum of `num_slices` BLOCK_K slices from k_start, from a zero accumulator."""
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if USE_TMA:  # out-of-bounds rows/columns of a box read as zeros
-        for t in range(num_k_tiles):
-            k = k_start + t * BLOCK_K
-            if X_T:
-                a = x.load([k, off_m]).T
-            else:
-                a = x.load([off_m, k])
-            if W_T:
-                b = w.load([k, off_n])
-            else:
-                b = w.load([off_n, k]).T
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        ks = (offs_k + k_start).to(tl.int64)
-        x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
-        w_ptrs = w + offs_n[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
-        for t in range(num_k_tiles):
-            if EVEN_K:
-                a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-                b = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                k_left = K - k_start - t * BLOCK_K
-                a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-                b = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    for t in range(num_slices):
+        a, b = _load_slice(x, w, k_start + t * BLOCK_K, off_m, off_n, offs_m, offs_n, offs_k, M, N_w, K,
+                           stride_xm, stride_xk, stride_wn, stride_wk, EVEN_K, USE_TMA, X_T, W_T)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def _all_chains(x, w, off_m, off_n, M, N_w, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, X_T: tl.constexpr, W_T: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SLICES: tl.constexpr):
+    """The whole K in one flat loop (so loads stay pipelined across chains): each chain's
+    accumulator joins the total at the chain's last slice, then restarts from zero."""
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_slices = tl.cdiv(K, BLOCK_K)
+    for t in range(num_slices):
+        a, b = _load_slice(x, w, t * BLOCK_K, off_m, off_n, offs_m, offs_n, offs_k, M, N_w, K,
+                           stride_xm, stride_xk, stride_wn, stride_wk, EVEN_K, USE_TMA, X_T, W_T)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if (t % SLICES == SLICES - 1) | (t == num_slices - 1):
+            total = total + acc
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return total
 
 
 @triton.jit
@@ -121,7 +158,7 @@ def _store_tile(out_ptr, acc, off_m, off_n, M, N, stride_om, bias_ptr, HAS_BIAS:
     # out is row-major with unit column stride; in-tile offsets stay 32-bit (fewer registers).
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    if HAS_BIAS:  # added once, after the tree, in fp32
+    if HAS_BIAS:  # added once, after the chains, in fp32
         acc = acc + tl.load(bias_ptr + off_n + cols, mask=cols < N - off_n, other=0.0).to(tl.float32)[None, :]
     base = out_ptr + off_m.to(tl.int64) * stride_om + off_n
     mask = (rows[:, None] < M - off_m) & (cols[None, :] < N - off_n)
@@ -129,12 +166,25 @@ def _store_tile(out_ptr, acc, off_m, off_n, M, N, stride_om, bias_ptr, HAS_BIAS:
 
 
 @triton.jit
+def _fold_tile(part_ptr, off_m, off_n, M, N, stride_pc, num_chains, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """((0 + p[0]) + p[1]) + ... of one tile of part [chains, M, N] (fp32, contiguous), read from L2."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M - off_m) & (cols[None, :] < N - off_n)
+    ptrs = part_ptr + off_m.to(tl.int64) * N + off_n + rows[:, None] * N + cols[None, :]
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in range(num_chains):
+        total = total + tl.load(ptrs + c * stride_pc, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def _linear_kernel(
-    x, w, bias_ptr, out_ptr, scratch_ptr,
-    M, N, K, chain_k,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_oc, stride_om,
-    NUM_CHAINS: tl.constexpr,  # chains K is cut into (1, 2 or 4)
-    SPLIT: tl.constexpr,  # one program per (tile, chain = program_id(1)); writes fp32 partials
+    x, w, bias_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_pc,
+    SPLIT: tl.constexpr,  # one program per (tile, chain = program_id(1)) + the ordered fold
+    FOLD_IN_KERNEL: tl.constexpr,  # SPLIT: the tile's last program folds (else _fold_kernel does)
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask (pointer loads only)
     USE_TMA: tl.constexpr,  # x, w are tensor descriptors (else plain pointers with strides)
@@ -142,73 +192,47 @@ def _linear_kernel(
     W_T: tl.constexpr,  # TMA only: w's descriptor is over w.t() [K, N]
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SLICES: tl.constexpr,  # CHAIN_K // BLOCK_K
 ):
-    tiles_per_chain = chain_k // BLOCK_K
+    tile = tl.program_id(0)
+    off_m, off_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if SPLIT:
-        off_m, off_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         chain = tl.program_id(1)
-        acc = _chain(x, w, off_m, off_n, chain * chain_k, tiles_per_chain, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+        num_chains = tl.num_programs(1)
+        k_start = chain * (SLICES * BLOCK_K)
+        num_slices = tl.minimum(SLICES, tl.cdiv(K - k_start, BLOCK_K))
+        acc = _chain(x, w, off_m, off_n, k_start, num_slices, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                      EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        _store_tile(out_ptr + chain.to(tl.int64) * stride_oc, acc, off_m, off_n, M, N, stride_om,
-                    bias_ptr, False, BLOCK_M, BLOCK_N)
-    else:  # one tile per program, all its chains, folded as the tree says
-        tile = tl.program_id(0)
-        off_m, off_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        if NUM_CHAINS == 1:
-            acc = _chain(x, w, off_m, off_n, 0, tl.cdiv(K, BLOCK_K), M, N, K, stride_xm, stride_xk, stride_wn,
-                         stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            acc = _chain(x, w, off_m, off_n, 0, tiles_per_chain, M, N, K, stride_xm, stride_xk, stride_wn,
-                         stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            acc += _chain(x, w, off_m, off_n, chain_k, tiles_per_chain, M, N, K, stride_xm, stride_xk, stride_wn,
-                          stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-            if NUM_CHAINS == 4:
-                # c0+c1 waits in this tile's scratch: a third live 128x128 fp32 tile spills in the k loop.
-                _park(scratch_ptr, tile, acc, False, BLOCK_M, BLOCK_N)
-                hi = _chain(x, w, off_m, off_n, 2 * chain_k, tiles_per_chain, M, N, K, stride_xm, stride_xk,
-                            stride_wn, stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                hi += _chain(x, w, off_m, off_n, 3 * chain_k, tiles_per_chain, M, N, K, stride_xm, stride_xk,
-                             stride_wn, stride_wk, EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                tl.debug_barrier()  # parked by other threads
-                acc = _park(scratch_ptr, tile, hi, True, BLOCK_M, BLOCK_N) + hi
-        _store_tile(out_ptr, acc, off_m, off_n, M, N, stride_om, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+        _store_tile(part_ptr + chain.to(tl.int64) * stride_pc, acc, off_m, off_n, M, N, N, bias_ptr, False,
+                    BLOCK_M, BLOCK_N)
+        if FOLD_IN_KERNEL:
+            # Publish this partial, then count it; whoever counts last folds all of them in chain
+            # order and re-arms the counter for the next launch (or graph replay).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_chains - 1:
+                total = _fold_tile(part_ptr, off_m, off_n, M, N, stride_pc, num_chains, BLOCK_M, BLOCK_N)
+                _store_tile(out_ptr, total, off_m, off_n, M, N, stride_om, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+    else:
+        total = _all_chains(x, w, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                            EVEN_K, USE_TMA, X_T, W_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, SLICES)
+        _store_tile(out_ptr, total, off_m, off_n, M, N, stride_om, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _park(scratch_ptr, tile, acc, LOAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          INTERPRET: tl.constexpr = _INTERPRET):
-    """Store acc to (or load a tile like it from) this tile's [BLOCK_M, BLOCK_N] fp32 scratch."""
-    # The opaque move keeps the compiler from computing the addresses once for both calls and
-    # holding them (128 registers) across the two chains in between.
-    if not INTERPRET:
-        tile = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tile], dtype=tl.int32, is_pure=False, pack=1)
-    base = scratch_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_N)
-    ptrs = base + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    if LOAD:
-        return tl.load(ptrs)
-    tl.store(ptrs, acc)
-    return acc
-
-
-@triton.jit
-def _combine_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_pc,
-                    NUM_CHAINS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    # part [NUM_CHAINS, M, N] fp32 contiguous -> out [M, N], the tree of _linear_kernel (+ bias).
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0) + tl.load(part_ptr + stride_pc + offs, mask=mask, other=0.0)
-    if NUM_CHAINS == 4:
-        hi = tl.load(part_ptr + 2 * stride_pc + offs, mask=mask, other=0.0)
-        acc = acc + (hi + tl.load(part_ptr + 3 * stride_pc + offs, mask=mask, other=0.0))
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+def _fold_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_pc, stride_om, num_chains, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # The same ordered fold as the in-kernel one, as a second launch (FOLD_IN_KERNEL=False).
+    off_m, off_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    total = _fold_tile(part_ptr, off_m, off_n, M, N, stride_pc, num_chains, BLOCK_M, BLOCK_N)
+    _store_tile(out_ptr, total, off_m, off_n, M, N, stride_om, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
 def _check(x2d: torch.Tensor, w: torch.Tensor) -> None:
     if x2d.dim() != 2 or w.dim() != 2 or x2d.shape[1] != w.shape[1]:
         raise ValueError(f"linear: x2d [M, K] and w [N, K] must share K; got {tuple(x2d.shape)} and {tuple(w.shape)}")
-    if x2d.dtype != w.dtype or x2d.dtype not in _CONFIGS:
+    if x2d.dtype != w.dtype or x2d.dtype not in _ARITH:
         raise ValueError(f"linear: x2d and w must both be fp32, bf16 or fp16; got {x2d.dtype} and {w.dtype}")
     if not (x2d.is_cuda and w.is_cuda and x2d.device == w.device):
         raise ValueError("linear: the Triton kernel needs x2d and w on the same CUDA device")
@@ -216,7 +240,7 @@ def _check(x2d: torch.Tensor, w: torch.Tensor) -> None:
 
 def _tma_view(t: torch.Tensor, block_rows: int, block_k: int):
     """A TMA descriptor for a 2-D operand [R, K]: (desc, transposed) or None if TMA can't read it."""
-    if TensorDescriptor is None or t.data_ptr() % 16:
+    if TensorDescriptor is None or _INTERPRET or t.data_ptr() % 16:
         return None
     size = t.element_size()
     if t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0:
@@ -224,54 +248,6 @@ def _tma_view(t: torch.Tensor, block_rows: int, block_k: int):
     if t.stride(0) == 1 and (t.stride(1) * size) % 16 == 0:  # a transposed view, e.g. w.t()
         return TensorDescriptor(t.t(), [t.shape[1], t.shape[0]], [t.stride(1), 1], [block_k, block_rows]), True
     return None
-
-
-def _launch(x2d, w, bias, out_dtype, split=None, use_tma=None, num_stages=None):
-    """The private knobs (None = automatic) exist for tests and benchmarks; none changes the bits."""
-    _check(x2d, w)
-    M, K = x2d.shape
-    N = w.shape[0]
-    out = torch.empty((M, N), device=x2d.device, dtype=out_dtype)
-    if M == 0 or N == 0:
-        return out
-    if K == 0:
-        return out.copy_(bias.float().expand(M, N) if bias is not None else torch.zeros_like(out))
-    block_m, block_n, block_k, num_warps = _CONFIGS[x2d.dtype]
-    chains = num_chains(K)
-    num_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    if split is None:  # only the grid depends on M; the bits do not
-        split = num_tiles <= _num_sms(x2d.device.index or 0) // 2
-    split = split and chains > 1
-    meta = dict(NUM_CHAINS=chains, EVEN_K=K % block_k == 0,
-                PRECISION="ieee" if x2d.dtype == torch.float32 else "tf32",
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-                num_warps=num_warps, num_stages=num_stages or (5 if split else 4))
-    bias_arg = bias if bias is not None else out
-    if split:
-        part = torch.empty((chains, M, N), device=x2d.device, dtype=torch.float32)
-        xa, wa, tma = _operands(x2d, w, use_tma, block_m, block_n, block_k)
-        _linear_kernel[(num_tiles, chains)](
-            xa, wa, bias_arg, part, part, M, N, K, K // chains, x2d.stride(0), x2d.stride(1), w.stride(0),
-            w.stride(1), part.stride(0), part.stride(1), SPLIT=True, HAS_BIAS=False, **tma, **meta)
-        block = 1024
-        _combine_kernel[(triton.cdiv(M * N, block),)](
-            part, bias_arg, out, M, N, part.stride(0), NUM_CHAINS=chains, HAS_BIAS=bias is not None, BLOCK=block,
-            num_warps=4)
-        return out
-    # With 4 chains every tile parks an fp32 tile in scratch: bound it by launching row slabs.
-    rows = M if chains < 4 else max(block_m, _MAX_PARK_BYTES // (4 * N) // block_m * block_m)
-    scratch = out
-    if chains == 4:
-        scratch = torch.empty((triton.cdiv(min(rows, M), block_m) * triton.cdiv(N, block_n), block_m * block_n),
-                              device=x2d.device, dtype=torch.float32)
-    for m0 in range(0, M, rows):
-        xs, outs = x2d[m0 : m0 + rows], out[m0 : m0 + rows]
-        ms = xs.shape[0]
-        xa, wa, tma = _operands(xs, w, use_tma, block_m, block_n, block_k)
-        _linear_kernel[(triton.cdiv(ms, block_m) * triton.cdiv(N, block_n), 1)](
-            xa, wa, bias_arg, outs, scratch, ms, N, K, K // chains, xs.stride(0), xs.stride(1), w.stride(0),
-            w.stride(1), 0, outs.stride(0), SPLIT=False, HAS_BIAS=bias is not None, **tma, **meta)
-    return out
 
 
 @functools.cache
@@ -305,8 +281,66 @@ def _operands(x2d, w, use_tma, block_m, block_n, block_k):
     return x_tma[0], w_tma[0], dict(USE_TMA=True, X_T=x_tma[1], W_T=w_tma[1])
 
 
+def _launch(x2d, w, bias, out_dtype, out=None, split=None, use_tma=None, tiles=None, fold_in_kernel=None):
+    """out [M, N] (a new tensor, or `out`: any [M, N] view with unit column stride).
+
+    The private knobs (None = automatic) exist for tests and benchmarks; none changes the bits.
+    """
+    _check(x2d, w)
+    M, K = x2d.shape
+    N = w.shape[0]
+    if out is None:
+        out = torch.empty((M, N), device=x2d.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.copy_(bias.float().expand(M, N) if bias is not None else torch.zeros((M, N), device=out.device))
+    block_k, precision = _ARITH[x2d.dtype]
+    block_m, block_n, num_warps = _TILES[x2d.dtype][tiles or ("small" if M <= _SMALL_M else "big")]
+    chains = num_chains(K)
+    num_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    if split is None:  # only the grid depends on M; the bits do not
+        split = num_tiles <= _num_sms(x2d.device.index or 0) // 2
+    split = split and chains > 1
+    fold_in_kernel = (_FOLD_IN_KERNEL if fold_in_kernel is None else fold_in_kernel) and num_tiles <= _MAX_COUNTERS
+    xa, wa, flags = _operands(x2d, w, use_tma, block_m, block_n, block_k)
+    bias_arg = bias if bias is not None else out
+    meta = dict(HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, PRECISION=precision, BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, SLICES=CHAIN_K // block_k, num_warps=num_warps,
+                num_stages=4, **flags)
+    strides = (x2d.stride(0), x2d.stride(1), w.stride(0), w.stride(1), out.stride(0))
+    if split:
+        part = torch.empty((chains, M, N), device=x2d.device, dtype=torch.float32)
+        counters = _counters(x2d.device) if fold_in_kernel else part
+        _linear_kernel[(num_tiles, chains)](xa, wa, bias_arg, out, part, counters, M, N, K, *strides, part.stride(0),
+                                            SPLIT=True, FOLD_IN_KERNEL=fold_in_kernel, **meta)
+        if not fold_in_kernel:
+            _fold_kernel[(num_tiles,)](part, bias_arg, out, M, N, part.stride(0), out.stride(0), chains,
+                                       HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
+                                       num_warps=4)
+        return out
+    _linear_kernel[(num_tiles, 1)](xa, wa, bias_arg, out, out, out, M, N, K, *strides, 0,
+                                   SPLIT=False, FOLD_IN_KERNEL=False, **meta)
+    return out
+
+
+def _adjacent(weights) -> torch.Tensor | None:
+    """The [sum N_i, K] view the weights form when they are consecutive rows of one buffer, else None."""
+    first = weights[0]
+    if any(w.dtype != first.dtype or w.device != first.device or w.shape[1] != first.shape[1] or not w.is_contiguous()
+           for w in weights):
+        return None
+    row_bytes = first.shape[1] * first.element_size()
+    expected = first.data_ptr()
+    for w in weights:
+        if w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or w.data_ptr() != expected:
+            return None
+        expected += w.shape[0] * row_bytes
+    return first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]), first.stride())
+
+
 def linear_partial(x2d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x2d [M, K], w [N, K] -> fp32 [M, N]: the chain tree over K, no bias, no downcast."""
+    """x2d [M, K], w [N, K] -> fp32 [M, N]: the chain sums over K, no bias, no downcast."""
     return _launch(x2d, w, None, torch.float32)
 
 
@@ -315,3 +349,19 @@ def linear_fwd(x2d: torch.Tensor, w: torch.Tensor, bias, out_dtype: torch.dtype)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != w.shape[0]):
         raise ValueError(f"linear: bias must be [N={w.shape[0]}], got {tuple(bias.shape)}")
     return _launch(x2d, w, bias, out_dtype)
+
+
+def linear_group_fwd(x2d: torch.Tensor, weights, out_dtype: torch.dtype) -> torch.Tensor:
+    """[M, sum N_i] = cat([linear_fwd(x2d, w, None, out_dtype) for w in weights], 1).
+
+    One launch when the weights are consecutive rows of one buffer (see models/qwen3's
+    `pack_projections`), else one launch per weight into its columns; the same bits either way."""
+    fused = _adjacent(weights)
+    if fused is not None:
+        return _launch(x2d, fused, None, out_dtype)
+    out = torch.empty((x2d.shape[0], sum(w.shape[0] for w in weights)), device=x2d.device, dtype=out_dtype)
+    col = 0
+    for w in weights:
+        _launch(x2d, w, None, out_dtype, out=out[:, col:col + w.shape[0]])
+        col += w.shape[0]
+    return out

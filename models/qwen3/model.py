@@ -1,8 +1,8 @@
 """The one Qwen3 (dense) that both the trainer and the generator run.
 
-Every numerical step goes through `lockstep.kernels` (linear, rms_norm / add_rms_norm,
-rope, attention_varlen, silu_mul), so a token's logprob is the same bits whether it was
-computed inside vLLM or inside TorchTitan. The embedding is a plain gather (exact).
+Every numerical step goes through `lockstep.kernels` (linear / linear_group, rms_norm /
+add_rms_norm, qk_norm_rope, attention_varlen, silu_mul), so a token's logprob is the same bits
+whether it was computed inside vLLM or inside TorchTitan. The embedding is a plain gather (exact).
 
 Tokens are packed: `forward(tokens[T], positions[T], attn_meta) -> hidden[T, H]`, with no
 batch dimension. Module names follow TorchTitan's Qwen3 (tok_embeddings, layers["0"..],
@@ -169,6 +169,32 @@ def default_attn_factory(layer_id: int, num_heads: int, num_kv_heads: int, head_
 AttnFactory = Callable[[int, int, int, int, float], nn.Module]
 
 
+class GroupedLinear(nn.Module):
+    """Projections that share their input, in one launch: out = cat([m.weight @ x for m in parts]).
+
+    Holds no parameters: `parts` stay registered where they are (wq/wk/wv, w1/w3, the
+    TorchTitan names); this module only gives the fused call a name the audit records."""
+
+    def __init__(self, *parts: nn.Linear):
+        super().__init__()
+        self._parts = parts  # a tuple: not registered again
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_group(x, [m.weight for m in self._parts])  # [T, sum N_i]
+
+
+class QKNormRope(nn.Module):
+    """q_norm and k_norm per head, then rope, in one launch; parameter-free like GroupedLinear."""
+
+    def __init__(self, q_norm: nn.RMSNorm, k_norm: nn.RMSNorm):
+        super().__init__()
+        self._norms = (q_norm, k_norm)
+
+    def forward(self, q, k, positions, rope_cache):
+        q_norm, k_norm = self._norms
+        return kernels.qk_norm_rope(q, k, q_norm.weight, k_norm.weight, q_norm.eps, positions, rope_cache)
+
+
 class Attention(nn.Module):
     def __init__(self, layer_id: int, config: Qwen3Config, attn_factory: AttnFactory):
         super().__init__()
@@ -180,17 +206,21 @@ class Attention(nn.Module):
         self.wo = Linear(config.num_heads * head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
+        self.qkv = GroupedLinear(self.wq, self.wk, self.wv)
+        self.qk_norm_rope = QKNormRope(self.q_norm, self.k_norm)
         self.inner_attention = attn_factory(
             layer_id, config.num_heads, config.num_kv_heads, head_dim, head_dim**-0.5
         )
 
     def forward(self, x, rope_cache, positions, attn_meta) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        # -1: local head counts, so a TP-sharded wq/wk/wv needs no change here.
-        q = self.q_norm(self.wq(x).view(num_tokens, -1, self.head_dim))  # [T, Hq, D]
-        k = self.k_norm(self.wk(x).view(num_tokens, -1, self.head_dim))  # [T, Hkv, D]
-        v = self.wv(x).view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
-        q, k = kernels.rope(q, k, positions, rope_cache)
+        num_tokens, head_dim = x.shape[0], self.head_dim
+        # Local widths from the weights, so a TP-sharded wq/wk/wv needs no change here.
+        num_q, num_kv = self.wq.weight.shape[0], self.wk.weight.shape[0]
+        qkv = self.qkv(x)  # [T, num_q + 2 * num_kv]
+        q = qkv[:, :num_q].view(num_tokens, -1, head_dim)  # [T, Hq, D], views into qkv
+        k = qkv[:, num_q : num_q + num_kv].view(num_tokens, -1, head_dim)  # [T, Hkv, D]
+        v = qkv[:, num_q + num_kv :].view(num_tokens, -1, head_dim)  # [T, Hkv, D]
+        q, k = self.qk_norm_rope(q, k, positions, rope_cache)
         out = self.inner_attention(q, k, v, attn_meta)  # [T, Hq, D]
         return self.wo(out.reshape(num_tokens, -1))
 
@@ -201,11 +231,11 @@ class FeedForward(nn.Module):
         self.w1 = Linear(hidden_size, intermediate_size, bias=False)  # gate
         self.w2 = Linear(intermediate_size, hidden_size, bias=False)  # down
         self.w3 = Linear(hidden_size, intermediate_size, bias=False)  # up
+        # Separate w1/w3 parameters (not one fused weight) keep colwise TP shards aligned.
+        self.gate_up = GroupedLinear(self.w1, self.w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Separate w1/w3 (not one fused weight) keep colwise TP shards aligned.
-        gate_up = torch.cat([self.w1(x), self.w3(x)], dim=-1)  # [T, 2I]
-        return self.w2(kernels.silu_mul(gate_up))
+        return self.w2(kernels.silu_mul(self.gate_up(x)))  # gate_up [T, 2I]
 
 
 class TransformerBlock(nn.Module):
@@ -256,6 +286,25 @@ class Qwen3Model(nn.Module):
         """Share the embedding with lm_head (again after to_empty/meta init, which unties)."""
         if self.config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def pack_projections(self) -> None:
+        """Lay each block's wq/wk/wv and w1/w3 out as consecutive rows of one buffer.
+
+        `linear_group` then runs q/k/v (and gate/up) as one operand in one launch. The
+        parameters stay separate (names, in-place loads); only their storage moves. The
+        generator calls this once after building the model; FSDP (trainer) reshards them."""
+        for block in self.layers.values():
+            for parts in ((block.attention.wq, block.attention.wk, block.attention.wv),
+                          (block.feed_forward.w1, block.feed_forward.w3)):
+                first = parts[0].weight
+                buffer = first.new_empty((sum(m.weight.shape[0] for m in parts), first.shape[1]))
+                row = 0
+                for m in parts:
+                    rows = m.weight.shape[0]
+                    buffer[row : row + rows].copy_(m.weight)
+                    m.weight = nn.Parameter(buffer[row : row + rows], requires_grad=m.weight.requires_grad)
+                    row += rows
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Rebuild the fp32 rope cache (after to_empty, or a dtype cast that rounded it)."""

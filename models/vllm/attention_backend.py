@@ -3,7 +3,8 @@
 vLLM keeps scheduling, block allocation and the KV cache tensors; this backend only
 writes the new K/V into the cache and attends, both through `lockstep.kernels`
 (`write_kv_cache`, `attention_paged`), so a query gets the same bits here as in the
-trainer's varlen attention whatever the batch, chunking or decode step.
+trainer's varlen attention whatever the batch, chunking or decode step. Decode steps can run
+as CUDA graphs (the builder's `_cudagraph_support`).
 
 KV cache. vLLM hands each layer a tensor of logical shape [NB, Hkv, BS, 2 * D]; we ask for
 the physical order [NB, BS, Hkv, 2 * D] (0.32: `supported_kv_cache_layouts`; 0.26:
@@ -19,6 +20,7 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
@@ -89,6 +91,12 @@ class LockstepAttentionMetadata:
 
 
 class LockstepAttentionMetadataBuilder(AttentionMetadataBuilder[LockstepAttentionMetadata]):
+    # Decode batches replay captured CUDA graphs (vLLM's FULL_DECODE_ONLY): the kernels take
+    # every size from tensor shapes, never sync with the host, and padded requests (no new
+    # tokens, seq_len 0) and padded tokens (slot -1) are no-ops. Prefill and mixed batches run
+    # eager, which keeps every captured graph a plain decode step.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
@@ -189,7 +197,8 @@ class LockstepAttentionImpl(AttentionImpl[LockstepAttentionMetadata]):
         kernels.write_kv_cache(
             key[:num_tokens], value[:num_tokens], k_cache, v_cache, attn_metadata.slot_mapping
         )
-        out = kernels.attention_paged(
+        # Rows of padding tokens (CUDA-graph batches) are not written; vLLM drops them.
+        kernels.attention_paged(
             query[:num_tokens],
             k_cache,
             v_cache,
@@ -197,7 +206,6 @@ class LockstepAttentionImpl(AttentionImpl[LockstepAttentionMetadata]):
             attn_metadata.seq_lens,
             attn_metadata.query_start_loc,
             self.scale,
+            out=output[:num_tokens],
         )
-        output[:num_tokens].copy_(out)
-        output[num_tokens:].zero_()
         return output

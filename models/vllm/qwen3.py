@@ -66,6 +66,7 @@ class LockstepQwen3ForCausalLM(nn.Module):
             )
 
         self.model = Qwen3Model(self.config, attn_factory=attn_factory)
+        self.model.pack_projections()  # q/k/v and gate/up: one launch each
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(input_ids)

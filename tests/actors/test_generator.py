@@ -17,14 +17,9 @@ from monarch.actor import Actor, endpoint
 from safetensors.torch import save_file
 
 from lockstep.actors import weight_sync
-from lockstep.actors.generator import (
-    ARCHITECTURE,
-    GeneratorActor,
-    GeneratorConfig,
-    engine_args,
-    request_seed,
-    to_samples,
-)
+from lockstep.actors.generation import request_seed, to_samples
+from lockstep.actors.generator import GeneratorActor
+from lockstep.actors.vllm_engine import ARCHITECTURE, GeneratorConfig, engine_args, uses_cuda_graphs
 from lockstep.models import ModelConfig
 from lockstep.models.qwen3 import read_safetensors
 from lockstep.models.tiny import write_tiny_checkpoint
@@ -35,7 +30,11 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the procs cannot 
 def test_config_defaults_and_validation():
     cfg = GeneratorConfig()
     assert (cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed) == (8, 1.0, 1.0, 32, 0)
-    assert (cfg.max_model_len, cfg.gpu_memory_utilization, cfg.enforce_eager) == (256, 0.3, True)
+    assert (cfg.max_model_len, cfg.gpu_memory_utilization, cfg.enforce_eager) == (256, 0.3, None)
+    # None: CUDA graphs on GPU, eager on CPU; an explicit value wins on both.
+    assert uses_cuda_graphs(cfg, "cuda") and not uses_cuda_graphs(cfg, "cpu")
+    assert not uses_cuda_graphs(GeneratorConfig(enforce_eager=True), "cuda")
+    assert uses_cuda_graphs(GeneratorConfig(enforce_eager=False), "cpu")
     for bad, field in [
         (dict(num_samples=0), "num_samples"),
         (dict(temperature=0.0), "temperature"),
@@ -59,10 +58,18 @@ def test_engine_args_follow_the_parity_rules(tmp_path):
     assert args["hf_overrides"] == {"architectures": [ARCHITECTURE]}
     assert args["max_model_len"] == 128 and args["enforce_eager"] is True
     assert "gpu_memory_utilization" not in args and args["kv_cache_memory_bytes"] >= 16 << 20
-    assert "distributed_executor_backend" not in args
+    assert "distributed_executor_backend" not in args and "compilation_config" not in args
+
+    # GPU: lockstep's decode steps replay whole-model CUDA graphs without torch.compile.
+    gpu = engine_args(ModelConfig(path=str(path)), gen_cfg, "cuda")
+    assert gpu["enforce_eager"] is False
+    assert gpu["compilation_config"] == {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
+    eager = engine_args(ModelConfig(path=str(path)), GeneratorConfig(enforce_eager=True), "cuda")
+    assert eager["enforce_eager"] is True and "compilation_config" not in eager
 
     stock = engine_args(ModelConfig(path=str(path), impl="stock"), gen_cfg, "cuda", tp=2, dp=2)
     assert "hf_overrides" not in stock and stock["gpu_memory_utilization"] == 0.3
+    assert "compilation_config" not in stock  # vLLM's own defaults (torch.compile + graphs)
     assert (stock["tensor_parallel_size"], stock["data_parallel_size"]) == (2, 2)
     assert stock["distributed_executor_backend"] == "external_launcher"
 

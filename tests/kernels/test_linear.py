@@ -155,3 +155,24 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lockstep.linear, (x, w, b))
     torch.library.opcheck(torch.ops.lockstep.linear, (x, w, None))
     torch.library.opcheck(torch.ops.lockstep.linear_partial, (x, w))
+
+
+def test_linear_group_is_the_separate_linears_and_their_grads():
+    from lockstep.kernels import linear_group
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 64, generator=g, requires_grad=True)
+    ws = [torch.randn(n, 64, generator=g, requires_grad=True) for n in (32, 16, 16)]
+    out = linear_group(x, ws)
+    assert torch.equal(out, torch.cat([linear(x, w) for w in ws], dim=-1))
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    x64, g64 = x.detach().double().reshape(-1, 64), grad.double().reshape(14, -1)
+    cols = torch.cumsum(torch.tensor([0, 32, 16, 16]), 0)
+    gx64 = sum(g64[:, a:b] @ w.detach().double() for a, b, w in zip(cols[:-1], cols[1:], ws))
+    assert ((x.grad.double().reshape(14, 64) - gx64).abs().max() < 1e-5)
+    for a, b, w in zip(cols[:-1], cols[1:], ws):
+        assert (w.grad.double() - g64[:, a:b].T @ x64).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="1-3 weights"):
+        linear_group(x, ws + ws)
+    torch.library.opcheck(torch.ops.lockstep.linear_group, (x.detach().requires_grad_(), ws))

@@ -27,7 +27,7 @@ def test_rows_follow_positions_and_padding_is_dropped(model):
         model.logits(torch.cat([first[2:], second[:2]]))  # rows that predict tokens 3, 4 and the next
     acts = capture.activations()
     assert acts.order[0] == "tok_embeddings" and acts.order[-2:] == ["norm", "output"]
-    assert acts.order.index("layers.0.attention.wq") < acts.order.index("layers.0.attention") < acts.order.index("layers.0")
+    assert acts.order.index("layers.0.attention.qkv") < acts.order.index("layers.0.attention") < acts.order.index("layers.0")
     assert all(acts.positions[m].tolist() == [0, 1, 2, 3, 4] for m in acts.order if m != "output")
     assert acts.positions["output"].tolist() == [2, 3, 4]
     assert acts.inputs["tok_embeddings"][0].tolist() == tokens

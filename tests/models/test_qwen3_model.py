@@ -165,3 +165,20 @@ def test_logits_are_fp32_from_a_bf16_model(tied_dir):
         upcast = kernels.linear(hidden.float(), model.tok_embeddings.weight.float())
     assert hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
     assert torch.equal(logits, upcast)  # fp32 math on the bf16 operands, no bf16 rounding
+
+
+def test_packed_projections_keep_names_outputs_and_in_place_loads(tied_dir):
+    """pack_projections (the generator's layout: q/k/v and gate/up in one buffer each) moves storage
+    only: same parameter names and bits of output; loading a weight still writes the live buffer."""
+    model = build_model(ModelConfig(path=str(tied_dir)), "cpu")
+    seqs = random_seqs([5, 3], model.config.vocab_size)
+    before, names = run_logits(model, seqs), [n for n, _ in model.named_parameters()]
+    model.pack_projections()
+    attn = model.layers["0"].attention
+    assert [n for n, _ in model.named_parameters()] == names
+    assert attn.wk.weight.data_ptr() == attn.wq.weight.data_ptr() + attn.wq.weight.numel() * attn.wq.weight.element_size()
+    assert attn.wq.weight.untyped_storage().data_ptr() == attn.wv.weight.untyped_storage().data_ptr()
+    assert torch.equal(run_logits(model, seqs), before)
+    with torch.no_grad():
+        attn.wv.weight.zero_()
+    assert not torch.equal(run_logits(model, seqs), before)

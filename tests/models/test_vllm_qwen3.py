@@ -1,10 +1,11 @@
-"""lockstep's Qwen3 inside vLLM (in-process, CPU), driven through `Generator`.
+"""lockstep's Qwen3 inside vLLM (in-process; CPU, or the GPU where there is one), driven through `Generator`.
 
 The product claim: the logprob vLLM reports for a sampled token equals, bit for bit, what
 the trainer computes for it (our Qwen3 over the packed prompt + completion, then
 `kernels.token_logprobs`). Plus: a prompt gets the same tokens and logprobs alone or in a
 batch of 64, in-place weight reloads leave no stale state, and impl=stock still runs.
-Engines are shared per module (each start costs seconds).
+On a GPU every test runs twice: decode steps replayed as CUDA graphs (the default there;
+batches padded to captured sizes) and eager. Engines are shared per module (each start costs seconds).
 """
 
 import shutil
@@ -26,12 +27,15 @@ PROMPTS = [f"{a}+{b}=" for a in range(8) for b in range(8)]  # 64 distinct promp
 
 # vLLM runs on the GPU wherever there is one; the trainer side must use the same device.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MODES = ["graphs", "eager"] if DEVICE == "cuda" else ["eager"]  # vLLM's CPU backend captures no graphs
 
 
-def _engine(path, impl="lockstep") -> Generator:
-    # Up to four engines share one GPU here, each with a small slice.
-    gen_cfg = GeneratorConfig(max_tokens=MAX_TOKENS, gpu_memory_utilization=0.1)
-    return Generator(ModelConfig(path=str(path), impl=impl), gen_cfg, DEVICE)
+def _engine(path, impl="lockstep", mode="eager") -> Generator:
+    # Up to six engines share one GPU here, each with a small slice.
+    gen_cfg = GeneratorConfig(max_tokens=MAX_TOKENS, gpu_memory_utilization=0.1, enforce_eager=mode == "eager")
+    generator = Generator(ModelConfig(path=str(path), impl=impl), gen_cfg, DEVICE)
+    assert generator.graphs == (mode == "graphs")
+    return generator
 
 
 def _rewrite(path, weights) -> None:
@@ -65,22 +69,22 @@ def new_dir(ckpt_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engine(ckpt_dir):
-    return _engine(ckpt_dir)
-
-
-@pytest.fixture(scope="module")
 def engines(ckpt_dir, new_dir):
     """Engines made on demand and kept for the module: vLLM engines of one process share its
     parallel-state groups, and deleting one tears them down under the others."""
     made = {}
 
-    def get(impl: str, which: str) -> Generator:
-        if (impl, which) not in made:
-            made[impl, which] = _engine(ckpt_dir if which == "old" else new_dir, impl)
-        return made[impl, which]
+    def get(impl: str, which: str, mode: str = "eager") -> Generator:
+        if (impl, which, mode) not in made:
+            made[impl, which, mode] = _engine(ckpt_dir if which == "old" else new_dir, impl, mode)
+        return made[impl, which, mode]
 
     return get
+
+
+@pytest.fixture(scope="module", params=MODES)
+def engine(engines, request):
+    return engines("lockstep", "old", request.param)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +170,8 @@ def _state(model) -> dict[str, torch.Tensor]:
 def test_in_place_reload_equals_fresh_engine(engine, engines, ckpt_dir, new_dir, impl):
     """Reload new weights into a running engine: same outputs as an engine started on them;
     reload the old ones back: the original outputs again (no state survives a reload)."""
-    running = engine if impl == "lockstep" else engines(impl, "old")
+    mode = "graphs" if engine.graphs and impl == "lockstep" else "eager"  # graphs are lockstep's claim
+    running = engine if impl == "lockstep" else engines(impl, "old", mode)
     prompts = PROMPTS[:4]
     kwargs = dict(n=2, temperature=0.7, seeds=[5, 6, 7, 8])
     before = running.generate(prompts, _fields(prompts), 0, **kwargs)
@@ -174,7 +179,7 @@ def test_in_place_reload_equals_fresh_engine(engine, engines, ckpt_dir, new_dir,
     try:
         running.load_hf_weights(read_safetensors(new_dir), version=1)
         after = running.generate(prompts, _fields(prompts), 1, **kwargs)
-        fresh_engine = engines(impl, "new")
+        fresh_engine = engines(impl, "new", mode)
         fresh = fresh_engine.generate(prompts, _fields(prompts), 0, **kwargs)
         assert all(_same(a, f) for a, f in zip(after, fresh))
         assert not all(_same(a, b) for a, b in zip(after, before))
