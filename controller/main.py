@@ -78,6 +78,7 @@ def audit(args: argparse.Namespace) -> int:
         config = saved["config"]
         # This session's own logs go under audit/, leaving the run's untouched.
         config["loop"].update(log_dir=os.path.join(saved_dir, "rerun"), checkpoint_dir=os.path.join(saved_dir, "rerun"))
+        config.setdefault("generator", {})["enforce_eager"] = True  # the audit's hooks need eager forwards
         session = Session(config, mesh=args.mesh or saved.get("mesh_source", saved["mesh"]), echo=False)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: lockstep audit --run {args.run}: {e}", file=sys.stderr)

@@ -1,5 +1,7 @@
-"""Writes a tiny Qwen3 HF checkpoint + character-level tokenizer locally (no hub).
+"""Writes a Qwen3 HF checkpoint with random weights + character-level tokenizer locally (no hub).
 
+Tiny by default (tests, the demo); `write_random_checkpoint` writes the real Qwen3 shapes
+(`QWEN3_SHAPES`, e.g. for benchmarks), the vocab padded with filler tokens so every id decodes.
 The directory loads offline in `transformers` (Qwen3ForCausalLM, AutoTokenizer), in vLLM
 and in `lockstep.models.qwen3`. Writing is deterministic: the same arguments give the same
 bytes, and files whose bytes already match are left alone, so several processes may write
@@ -23,6 +25,13 @@ from lockstep.models import DTYPES
 # eos = <|endoftext|>, pad = <|pad|>, unknown characters -> <unk>.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<unk>")
 EOS_TOKEN, PAD_TOKEN, UNK_TOKEN = "<|endoftext|>", "<|pad|>", "<unk>"
+# The dense Qwen3 shapes (tied embeddings); vocab_size is the real one (filler tokens pad ours).
+QWEN3_SHAPES = {
+    "0.6B": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                 intermediate_size=3072, vocab_size=151936),
+    "1.7B": dict(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                 intermediate_size=6144, vocab_size=151936),
+}
 VOCABS = {
     # "12+7=" -> "19": digits, operators, space, newline.
     "arithmetic": "0123456789+-*=() \n",
@@ -31,20 +40,26 @@ VOCABS = {
 }
 
 
-def _vocab_tokens(vocab: str) -> tuple[list[str], list[str]]:
+def _vocab_tokens(vocab: str, vocab_size: int | None = None) -> tuple[list[str], list[str]]:
     """(all tokens by id, special tokens). Reserved specials pad the vocab to a multiple of 8
-    (TP-divisible), so every id the model can sample is a token the tokenizer knows."""
+    (TP-divisible), so every id the model can sample is a token the tokenizer knows; with
+    `vocab_size`, filler tokens `<|xN|>` pad it to that size instead."""
     chars = list(VOCABS[vocab])
-    num_reserved = -(len(SPECIAL_TOKENS) + len(chars)) % 8
+    num_reserved = 0 if vocab_size else -(len(SPECIAL_TOKENS) + len(chars)) % 8
     specials = list(SPECIAL_TOKENS) + [f"<|reserved_{i}|>" for i in range(num_reserved)]
-    return specials + chars, specials
+    tokens = specials + chars
+    if vocab_size:
+        if vocab_size < len(tokens):
+            raise ValueError(f"vocab_size={vocab_size}: the {vocab!r} tokenizer needs at least {len(tokens)}")
+        tokens += [f"<|x{i}|>" for i in range(vocab_size - len(tokens))]
+    return tokens, specials
 
 
-def _tokenizer_json(vocab: str) -> str:
+def _tokenizer_json(vocab: str, vocab_size: int | None = None) -> str:
     """A fast tokenizer, one token per character: a BPE with no merges, fused on decode."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
-    tokens, specials = _vocab_tokens(vocab)
+    tokens, specials = _vocab_tokens(vocab, vocab_size)
     tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[], unk_token=UNK_TOKEN))
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
@@ -115,10 +130,12 @@ def write_tiny_checkpoint(
     max_position_embeddings: int = 512,
     rope_theta: float = 10000.0,
     dtype: str = "float32",
+    vocab_size: int | None = None,
 ) -> Path:
     """Write config.json, generation_config.json, model.safetensors and a tokenizer to out_dir.
 
-    head_dim must be one vLLM's CPU attention supports (32, 64, ..., 256).
+    head_dim must be one vLLM's CPU attention supports (32, 64, ..., 256). `vocab_size` pads
+    the vocab with filler tokens (default: the characters plus specials, a multiple of 8).
     """
     if vocab not in VOCABS:
         raise ValueError(f"vocab={vocab!r}: choose one of {sorted(VOCABS)}")
@@ -133,7 +150,7 @@ def write_tiny_checkpoint(
     config = {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
-        "vocab_size": len(_vocab_tokens(vocab)[0]),
+        "vocab_size": len(_vocab_tokens(vocab, vocab_size)[0]),
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size,
         "num_hidden_layers": num_layers,
@@ -178,9 +195,26 @@ def write_tiny_checkpoint(
         out / "generation_config.json",
         _json_bytes({"eos_token_id": [eos_id, im_end_id], "pad_token_id": pad_id}),
     )
-    _write_if_changed(out / "tokenizer.json", _tokenizer_json(vocab).encode())
+    _write_if_changed(out / "tokenizer.json", _tokenizer_json(vocab, vocab_size).encode())
     _write_if_changed(out / "tokenizer_config.json", _json_bytes(tokenizer_config))
     _write_if_changed(out / "special_tokens_map.json", _json_bytes(special_tokens_map))
+    return out
+
+
+def write_random_checkpoint(out_dir: str | os.PathLike, shape: str | dict, dtype: str = "bfloat16",
+                            seed: int = 0) -> Path:
+    """A Qwen3 of `shape` (a QWEN3_SHAPES name or its dims) with random weights, ascii tokenizer
+    padded to the vocab. Kept across runs: a directory written with the same arguments is reused."""
+    dims = QWEN3_SHAPES[shape] if isinstance(shape, str) else dict(shape)
+    spec = dict(dims, dtype=dtype, seed=seed)
+    out = Path(out_dir)
+    marker = out / "random_checkpoint.json"
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return out
+    marker.unlink(missing_ok=True)
+    write_tiny_checkpoint(out, vocab="ascii", dtype=dtype, seed=seed, rope_theta=1_000_000.0,
+                          max_position_embeddings=4096, **dims)
+    marker.write_text(json.dumps(spec))
     return out
 
 

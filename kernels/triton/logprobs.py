@@ -1,13 +1,14 @@
-"""log-softmax and per-token logprobs over the vocab on NVIDIA GPUs, fp32.
+"""log-softmax and per-token logprobs over the vocab on NVIDIA GPUs, fp32, one pass for the sum.
 
-One program per row, three fixed steps (README.md, `logprobs.py`):
+One program per row (README.md):
   z = logits.float() / temperature (correctly rounded division),
-  m = max(z) over the whole vocab (exact in any order),
-  s = sum of exp(z - m): one `tl.sum` per TILE_V=256 tile, and the tile sums folded in the
-      balanced tree of `lockstep.kernels._tree.tree_fold` (leaves placed in a perfect tree of
-      next_pow2(num_tiles) slots, empty slots zero, then pairwise sums level by level),
-so a vocab shard made of whole tiles sums exactly a subtree (vocab parallel, later).
-logp = (z - m) - log(s).
+  per TILE_V=256 tile t: m_t = max(z in t), s_t = one `tl.sum` of exp(z - m_t) (the same pass),
+  m = max_t m_t (exact), s = the tiles' s_t * exp(m_t - m) folded in the balanced tree of
+      `lockstep.kernels._tree.tree_fold` (leaves in a perfect tree of next_pow2(num_tiles) slots,
+      empty slots zero, then pairwise sums level by level),
+logp = (z - m) - log(s). token_logprobs reads the logits once; log_softmax twice (it writes).
+A vocab shard of whole tiles sums a subtree once it knows m (vocab parallel: all-reduce the max,
+which is exact, then gather the subtree sums).
 """
 
 import functools
@@ -31,25 +32,28 @@ def _slot_table(num_tiles: int, device: torch.device) -> torch.Tensor:
 @triton.jit
 def _row_stats(x_ptr, slot_ptr, scratch_ptr, V, temperature, NUM_TILES: tl.constexpr,
                NUM_SLOTS: tl.constexpr, LOG_SLOTS: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr):
-    """-> (m, log(s)) of row `x_ptr` [V]; `scratch_ptr` [NUM_SLOTS] fp32 is this row's own."""
-    tl.store(scratch_ptr + tl.arange(0, NUM_SLOTS), tl.zeros((NUM_SLOTS,), tl.float32))  # empty slots add 0
-    tl.debug_barrier()  # zeros land before any tile sum
+    """-> (m, log(s)) of row `x_ptr` [V]; `scratch_ptr` [2 * NUM_SLOTS] fp32 is this row's own:
+    the tiles' maxima, then their sums, each at the tile's slot of the perfect tree."""
+    all_slots = tl.arange(0, NUM_SLOTS)
+    tl.store(scratch_ptr + all_slots, tl.full((NUM_SLOTS,), -float("inf"), tl.float32))  # empty slots
+    tl.store(scratch_ptr + NUM_SLOTS + all_slots, tl.zeros((NUM_SLOTS,), tl.float32))
+    tl.debug_barrier()  # the fill lands before any tile's values
     tiles = tl.arange(0, STEP)
     cols = tl.arange(0, TILE)
-    m = tl.full((), -float("inf"), tl.float32)
     for t0 in range(0, NUM_TILES, STEP):
         offs = (t0 + tiles)[:, None] * TILE + cols[None, :]
         z = tl.div_rn(tl.load(x_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32), temperature)
-        m = tl.maximum(m, tl.max(tl.max(z, axis=1), axis=0))
-    for t0 in range(0, NUM_TILES, STEP):
-        offs = (t0 + tiles)[:, None] * TILE + cols[None, :]
-        z = tl.div_rn(tl.load(x_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32), temperature)
-        tile_sums = tl.sum(tl.exp(z - m), axis=1)  # [STEP]; padding adds exp(-inf) = 0
+        tile_max = tl.max(z, axis=1)  # [STEP]
+        shift = tl.where(tile_max == -float("inf"), 0.0, tile_max)  # an all -inf tile sums to 0, not NaN
+        tile_sum = tl.sum(tl.exp(z - shift[:, None]), axis=1)  # padding adds exp(-inf) = 0
         tile_ok = t0 + tiles < NUM_TILES
         slots = tl.load(slot_ptr + t0 + tiles, mask=tile_ok, other=0)
-        tl.store(scratch_ptr + slots, tile_sums, mask=tile_ok)
+        tl.store(scratch_ptr + slots, tile_max, mask=tile_ok)
+        tl.store(scratch_ptr + NUM_SLOTS + slots, tile_sum, mask=tile_ok)
     tl.debug_barrier()  # the scratch writes above are read back by other threads below
-    s = tl.load(scratch_ptr + tl.arange(0, NUM_SLOTS))
+    maxima = tl.load(scratch_ptr + all_slots)
+    m = tl.max(maxima, axis=0)
+    s = tl.load(scratch_ptr + NUM_SLOTS + all_slots) * tl.exp(maxima - m)  # empty slots: 0 * 0
     for level in tl.static_range(LOG_SLOTS):  # perfect tree: pairwise, level by level
         s = tl.sum(tl.reshape(s, (NUM_SLOTS >> (level + 1), 2)), axis=1)
     return m, tl.log(tl.sum(s, axis=0))  # s has one element here
@@ -61,7 +65,7 @@ def _log_softmax_kernel(x_ptr, out_ptr, slot_ptr, scratch_ptr, V, temperature, s
                         STEP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    m, log_s = _row_stats(x_row, slot_ptr, scratch_ptr + row * NUM_SLOTS, V, temperature,
+    m, log_s = _row_stats(x_row, slot_ptr, scratch_ptr + row * (2 * NUM_SLOTS), V, temperature,
                           NUM_TILES, NUM_SLOTS, LOG_SLOTS, TILE, STEP)
     for v0 in range(0, V, TILE * STEP):
         offs = v0 + tl.arange(0, TILE * STEP)
@@ -75,7 +79,7 @@ def _token_logprobs_kernel(x_ptr, ids_ptr, out_ptr, slot_ptr, scratch_ptr, V, te
                         STEP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    m, log_s = _row_stats(x_row, slot_ptr, scratch_ptr + row * NUM_SLOTS, V, temperature,
+    m, log_s = _row_stats(x_row, slot_ptr, scratch_ptr + row * (2 * NUM_SLOTS), V, temperature,
                           NUM_TILES, NUM_SLOTS, LOG_SLOTS, TILE, STEP)
     token = tl.load(ids_ptr + row).to(tl.int64)
     z = tl.div_rn(tl.load(x_row + token).to(tl.float32), temperature)
@@ -90,7 +94,7 @@ def _prepare(logits2d: torch.Tensor, temperature: float):
     logits2d = logits2d if logits2d.stride(1) == 1 else logits2d.contiguous()
     num_tiles = triton.cdiv(logits2d.shape[1], TILE_V)
     num_slots = triton.next_power_of_2(num_tiles)
-    scratch = torch.empty((logits2d.shape[0], num_slots), dtype=torch.float32, device=logits2d.device)
+    scratch = torch.empty((logits2d.shape[0], 2 * num_slots), dtype=torch.float32, device=logits2d.device)
     meta = dict(NUM_TILES=num_tiles, NUM_SLOTS=num_slots, LOG_SLOTS=num_slots.bit_length() - 1, TILE=TILE_V, STEP=_TILES_PER_STEP, num_warps=8)
     return logits2d, _slot_table(num_tiles, logits2d.device), scratch, meta
 
