@@ -40,11 +40,11 @@ import torch  # noqa: E402
 
 from lockstep_bench import check_parity, environment, gpu_slug, run_part, spawn  # noqa: E402
 
-ENGINES = {
+ENGINES = {  # in the order they run: what matters most first, if --time-budget cuts the run short
     "lockstep-graphs": dict(impl="lockstep", eager=False, env={}),
-    "lockstep-eager": dict(impl="lockstep", eager=True, env={}),
     "stock-graphs": dict(impl="stock", eager=False, env={}),
     "stock-invariant": dict(impl="stock", eager=False, env={"VLLM_BATCH_INVARIANT": "1"}),
+    "lockstep-eager": dict(impl="lockstep", eager=True, env={}),
 }
 BASELINE = "stock-graphs"
 SMOKE_DIMS = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128,

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # GPU evidence for lockstep on one GPU host: the GPU tests, a strict end-to-end run through
-# Monarch, and the model benchmark (benchmarks/models.py), each logged to $OUT/<step>.log.
+# Monarch, the generator benchmark (benchmarks/generator.py) and the trainer benchmark
+# (benchmarks/models.py), each logged to $OUT/<step>.log.
 #
-#   bash benchmarks/gpu_run.sh [tests] [e2e] [bench]     # default: all three, in that order
+#   bash benchmarks/gpu_run.sh [tests] [e2e] [gen] [bench]     # default: all four, in that order
 #
 # Environment (all optional):
-#   OUT          logs, models.json, summary.txt (default: ./gpu_out)
+#   OUT          logs, generator.json, models.json, summary.txt (default: ./gpu_out)
 #   MESH         1-GPU mesh config for e2e (default: h100x1; h200x1 on an H200)
 #   BUNDLE_ENV   sourced first (default: /tmp/bundle/env.sh, when it exists)
 #   TOTAL_S      seconds for all the chosen steps together (default: 540), split by weight
-#   T_TESTS, T_E2E, T_BENCH   a step's own timeout in seconds (overrides the split)
+#   T_TESTS, T_E2E, T_GEN, T_BENCH   a step's own timeout in seconds (overrides the split)
 #   PYTEST_ARGS  replaces the tests step's pytest selection (shell words, e.g. 'tests/kernels -m "not slow"')
-#   BENCH_ARGS   extra arguments of benchmarks/models.py (e.g. "--gen-modes eager graphs")
+#   GEN_ARGS     extra arguments of benchmarks/generator.py (e.g. "--shapes 0.6B")
+#   BENCH_ARGS   extra arguments of benchmarks/models.py (e.g. "--shapes 0.6B")
 #
 # The repo need not be installed: lockstep.* is mapped onto the repo folders (pyproject's
 # package-dir) by symlinks in a temp dir on PYTHONPATH, next to a lockstep_rl .dist-info whose
@@ -35,9 +37,9 @@ MESH=${MESH:-h100x1}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests e2e bench)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests e2e gen bench)
 for step in "${STEPS[@]}"; do
-    case $step in tests|e2e|bench) ;; *) echo "unknown step '$step': use tests, e2e and/or bench" >&2; exit 2 ;; esac
+    case $step in tests|e2e|gen|bench) ;; *) echo "unknown step '$step': use tests, e2e, gen and/or bench" >&2; exit 2 ;; esac
 done
 
 # --- lockstep.* without an install -------------------------------------------------------------
@@ -97,8 +99,8 @@ EOF
 } 2>&1 | tee "$OUT/versions.log"
 
 # --- steps -------------------------------------------------------------------------------------
-declare -A WEIGHT=([tests]=17 [e2e]=12 [bench]=25)
-declare -A OVERRIDE=([tests]=${T_TESTS:-} [e2e]=${T_E2E:-} [bench]=${T_BENCH:-})
+declare -A WEIGHT=([tests]=17 [e2e]=12 [gen]=30 [bench]=20)
+declare -A OVERRIDE=([tests]=${T_TESTS:-} [e2e]=${T_E2E:-} [gen]=${T_GEN:-} [bench]=${T_BENCH:-})
 TOTAL_S=${TOTAL_S:-540}
 total_weight=0
 for step in "${STEPS[@]}"; do total_weight=$((total_weight + WEIGHT[$step])); done
@@ -149,6 +151,11 @@ for step in "${STEPS[@]}"; do
     e2e)
         run_step e2e "$limit" "$PY" controller/main.py --mesh "$MESH" --steps 3 loop.barrier=strict \
             "loop.log_dir=$OUT/e2e-run"
+        ;;
+    gen)
+        eval "gen_args=(${GEN_ARGS:-})"
+        run_step gen "$limit" "$PY" benchmarks/generator.py --out "$OUT/generator.json" \
+            --time-budget $((limit > 60 ? limit - 15 : limit)) ${gen_args[@]+"${gen_args[@]}"}
         ;;
     bench)
         eval "bench_args=(${BENCH_ARGS:-})"

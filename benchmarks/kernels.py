@@ -263,25 +263,26 @@ def bench_launch(tables):
 
 def sweep(tables):
     """Tile / pipeline variants (each a fixed config for every M, so each is invariant; speed only)."""
-    tab = Table("linear variants", "TFLOP/s", ["N", "K", "M", "BLOCK_M", "BLOCK_K", "warps", "stages", "ours", "cuBLAS"])
-    saved = linear._CONFIGS[DT]
-    variants = [(128, 64, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 5), (128, 128, 8, 3), (64, 128, 4, 3)]
+    tab = Table("linear variants", "TFLOP/s", ["N", "K", "M", "BLOCK_M", "warps", "stages", "ours", "cuBLAS"])
+    saved = dict(linear._TILES[DT])
+    # Tiles that keep the arithmetic (BLOCK_K and the chains are fixed by the dtype).
+    variants = [(128, 8, 4), (128, 8, 3), (64, 4, 4), (64, 4, 3), (64, 4, 5)]
     for n, k in [(2048, 2048), (6144, 2048), (2048, 6144), (4096, 4096), (12288, 4096), (4096, 12288)]:
         for m in (1, 64, 256, 2048, 8192):
             flops = 2.0 * m * n * k
             stock = None
-            for block_m, block_k, warps, stages in variants:
-                linear._CONFIGS[DT] = (block_m, 128, block_k, warps)
+            for block_m, warps, stages in variants:
+                linear._TILES[DT] = {"big": (block_m, 128, warps), "small": (block_m, 128, warps)}
                 try:
                     ours, stock_t = _linear_pair(
                         m, n, k, lambda x, w, g: linear._launch(x, w, None, DT, num_stages=stages),
                         None if stock else (lambda x, w, g: torch.mm(x, w.t())))
                     stock = stock or stock_t
-                    tab.add(n, k, m, block_m, block_k, warps, stages, _fmt(flops / ours / 1e9), _fmt(flops / stock / 1e9))
+                    tab.add(n, k, m, block_m, warps, stages, _fmt(flops / ours / 1e9), _fmt(flops / stock / 1e9))
                 except Exception as e:  # out of shared memory or registers, say
-                    tab.add(n, k, m, block_m, block_k, warps, stages, type(e).__name__, "")
+                    tab.add(n, k, m, block_m, warps, stages, type(e).__name__, "")
                 finally:
-                    linear._CONFIGS[DT] = saved
+                    linear._TILES[DT] = dict(saved)
     tables.append(tab)
     att = Table("attention variants (Qwen3-8B heads, 4 x 2048)", "TFLOP/s",
                 ["pass", "BLOCK_M", "BLOCK_N", "warps", "stages", "ours"])

@@ -281,7 +281,8 @@ def _operands(x2d, w, use_tma, block_m, block_n, block_k):
     return x_tma[0], w_tma[0], dict(USE_TMA=True, X_T=x_tma[1], W_T=w_tma[1])
 
 
-def _launch(x2d, w, bias, out_dtype, out=None, split=None, use_tma=None, tiles=None, fold_in_kernel=None):
+def _launch(x2d, w, bias, out_dtype, out=None, split=None, use_tma=None, tiles=None, fold_in_kernel=None,
+            num_stages=4):
     """out [M, N] (a new tensor, or `out`: any [M, N] view with unit column stride).
 
     The private knobs (None = automatic) exist for tests and benchmarks; none changes the bits.
@@ -307,7 +308,7 @@ def _launch(x2d, w, bias, out_dtype, out=None, split=None, use_tma=None, tiles=N
     bias_arg = bias if bias is not None else out
     meta = dict(HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, PRECISION=precision, BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, SLICES=CHAIN_K // block_k, num_warps=num_warps,
-                num_stages=4, **flags)
+                num_stages=num_stages, **flags)
     strides = (x2d.stride(0), x2d.stride(1), w.stride(0), w.stride(1), out.stride(0))
     if split:
         part = torch.empty((chains, M, N), device=x2d.device, dtype=torch.float32)

@@ -197,7 +197,8 @@ class LockstepAttentionImpl(AttentionImpl[LockstepAttentionMetadata]):
         kernels.write_kv_cache(
             key[:num_tokens], value[:num_tokens], k_cache, v_cache, attn_metadata.slot_mapping
         )
-        # Rows of padding tokens (CUDA-graph batches) are not written; vLLM drops them.
+        # Padding tokens inside num_tokens (CUDA-graph batches) belong to no request and are not
+        # written; vLLM drops their rows. Rows past num_tokens are zeroed (eager padding).
         kernels.attention_paged(
             query[:num_tokens],
             k_cache,
@@ -208,4 +209,5 @@ class LockstepAttentionImpl(AttentionImpl[LockstepAttentionMetadata]):
             self.scale,
             out=output[:num_tokens],
         )
+        output[num_tokens:].zero_()
         return output

@@ -169,7 +169,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.lockstep.attention_varlen, (q, k, v, _cu([2, 4]), 0.25))
     k_cache, v_cache = torch.randn(3, 4, 1, 16, generator=g), torch.randn(3, 4, 1, 16, generator=g)
     table = torch.tensor([[2, 0], [1, 0]], dtype=torch.int32)
-    args = (q.detach()[:3], k_cache, v_cache, table, torch.tensor([5, 3], dtype=torch.int32), _cu([1, 2]), 0.25)
+    args = (q.detach()[:3], k_cache, v_cache, table, torch.tensor([5, 3], dtype=torch.int32), _cu([1, 2]), 0.25,
+            torch.empty(3, 2, 16))
     torch.library.opcheck(torch.ops.lockstep.attention_paged, args)
     slots = torch.tensor([0, 5, -1, 9, 10, 11])
     torch.library.opcheck(torch.ops.lockstep.write_kv_cache, (k.detach(), v.detach(), k_cache.clone(), v_cache.clone(), slots))

@@ -85,3 +85,10 @@ def test_bad_weight_shape_is_one_clear_error():
     q, k, (qw, kw), pos, cache = _qkv(3, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"q/k norm weights must be \[64\]"):
         kernels.qk_norm_rope(q, k, qw[:32], kw, 1e-6, pos, cache)
+
+
+def test_opcheck():
+    q, k, (qw, kw), pos, cache = _qkv(5, torch.float32, "cpu")
+    args = (q.detach().requires_grad_(), k.detach().requires_grad_(), qw.requires_grad_(), kw.requires_grad_(), 1e-6,
+            pos, cache)
+    torch.library.opcheck(torch.ops.lockstep.qk_norm_rope, args)
