@@ -25,9 +25,10 @@ written locally, no hub (`lockstep.models.tiny.write_random_checkpoint`).
 import os
 import sys
 
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    # Run as a script: benchmarks/ goes last on sys.path (its kernels.py must not shadow a package).
-    sys.path.append(sys.path.pop(0))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path.pop(0)  # benchmarks/ goes last (its kernels.py must not shadow a package)
+sys.path.append(_HERE)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

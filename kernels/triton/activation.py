@@ -19,7 +19,7 @@ def _sigmoid(g):
 
 
 @triton.jit
-def _fwd_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, stride_out, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -56,7 +56,7 @@ def silu_mul_fwd(gate_up2d: torch.Tensor) -> torch.Tensor:
     M, inter = gate_up2d.shape[0], gate_up2d.shape[1] // 2
     out = torch.empty((M, inter), dtype=gate_up2d.dtype, device=gate_up2d.device)
     if M and inter:
-        _fwd_kernel[(M, triton.cdiv(inter, _BLOCK))](gate_up2d, out, inter, gate_up2d.stride(0), out.stride(0),
+        _silu_mul_kernel[(M, triton.cdiv(inter, _BLOCK))](gate_up2d, out, inter, gate_up2d.stride(0), out.stride(0),
                                                      BLOCK=_BLOCK, num_warps=4)
     return out
 

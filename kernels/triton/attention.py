@@ -70,7 +70,7 @@ def _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_
 
 
 @triton.jit(do_not_specialize=["num_seqs", "paged", "block_size", "rows_per_block", "stride_bt"])
-def _fwd_kernel(
+def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, seq_lens_ptr, block_table_ptr,
     num_seqs, qk_scale, paged, block_size, rows_per_block,
     stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
@@ -299,7 +299,7 @@ def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scal
         return out
     tokens_per_tile = block_m // group
     grid = (triton.cdiv(num_tokens, tokens_per_tile) + num_seqs, num_kv_heads)
-    _fwd_kernel[grid](
+    _attention_kernel[grid](
         q, k_rows, v_rows, out, lse if lse is not None else out, cu_q, seq_lens, block_table,
         num_seqs, scale * _LOG2E, int(paged), block_size, rows_per_block or block_size,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),

@@ -12,7 +12,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, eps, num_q_heads, num_kv_heads,
+def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, eps, num_q_heads, num_kv_heads,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
             HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
@@ -59,7 +59,7 @@ def qk_norm_rope_fwd(q, k, q_weight, k_weight, eps: float, positions, cos_sin_ca
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if num_tokens:
-        _kernel[(num_tokens, num_q_heads + num_kv_heads)](
+        _qk_norm_rope_kernel[(num_tokens, num_q_heads + num_kv_heads)](
             q, k, q_weight.contiguous(), k_weight.contiguous(), q_out, k_out, positions.contiguous(), cos_sin_cache,
             float(eps), num_q_heads, num_kv_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cos_sin_cache.stride(0), HEAD_DIM=head_dim, HALF=head_dim // 2,

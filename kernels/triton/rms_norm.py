@@ -34,7 +34,7 @@ def _rstd(xf, H, eps):
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, H: tl.constexpr, eps,
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, new_res_ptr, H: tl.constexpr, eps,
                 stride_x, stride_r, stride_y, stride_nr,
                 HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -97,7 +97,7 @@ def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     y = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
     if x2d.shape[0]:
         block, warps = _block_h(x2d.shape[1])
-        _fwd_kernel[(x2d.shape[0],)](x2d, x2d, weight, y, y, x2d.shape[1], eps,
+        _rms_norm_kernel[(x2d.shape[0],)](x2d, x2d, weight, y, y, x2d.shape[1], eps,
                                      x2d.stride(0), 0, y.stride(0), 0,
                                      HAS_RESIDUAL=False, BLOCK_H=block, num_warps=warps)
     return y
@@ -113,7 +113,7 @@ def add_rms_norm_fwd(x2d, residual2d, weight, eps: float):
     new_res = torch.empty_like(y)
     if x2d.shape[0]:
         block, warps = _block_h(x2d.shape[1])
-        _fwd_kernel[(x2d.shape[0],)](x2d, residual2d, weight, y, new_res, x2d.shape[1], eps,
+        _rms_norm_kernel[(x2d.shape[0],)](x2d, residual2d, weight, y, new_res, x2d.shape[1], eps,
                                      x2d.stride(0), residual2d.stride(0), y.stride(0), new_res.stride(0),
                                      HAS_RESIDUAL=True, BLOCK_H=block, num_warps=warps)
     return y, new_res
