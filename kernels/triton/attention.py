@@ -10,7 +10,11 @@ leaks; their K/V loads are zeroed too), and a tile with no visible key is an exa
 that row (alpha = exp2(0) = 1, the added terms are zeros). Rows of an MMA never mix, so a
 query's bits do not depend on the rows it shares a program with: a query at position t gets
 the same output in a full prefill, a chunked prefill and a one-token decode, in any batch.
-No split over KV (a long decode runs on B * Hkv programs).
+Decode batches (no more query tokens than sequences) run one program per (sequence, kv head)
+walking the sequence's query tiles, which spares the search over cu_q; other batches one
+program per (query tile, kv head). Same tiles and code either way. No split over KV (a long
+decode runs on B * Hkv programs; 64-row tiles on one warpgroup would waste less of each MMA
+at decode but spill 4x more registers, measured by compiling for sm_90).
 
 Backward (varlen only): flash-style recompute from lse; dK/dV by one program per KV tile
 walking the query tiles in order, dQ by one program per query tile walking the KV tiles in
@@ -69,23 +73,14 @@ def _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_
     return krows
 
 
-@triton.jit(do_not_specialize=["num_seqs", "paged", "block_size", "rows_per_block", "stride_bt"])
-def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, seq_lens_ptr, block_table_ptr,
-    num_seqs, qk_scale, paged, block_size, rows_per_block,
-    stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+@triton.jit
+def _attend_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_table_ptr, b, tile, kv_head, q_start,
+                 num_q, qk_scale, paged, block_size, rows_per_block, stride_qt, stride_qh, stride_kr, stride_kh,
+                 stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt, GROUP: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tile `tile` (TOKENS tokens x the kv group's heads) of sequence b against its keys."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    pid = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    b = _find_seq(pid, cu_q_ptr, num_seqs, TOKENS)
-    q_start = tl.load(cu_q_ptr + b)
-    num_q = tl.load(cu_q_ptr + b + 1) - q_start
-    tile = pid - (q_start // TOKENS + b)
-    if tile * TOKENS >= num_q:
-        return
     if paged:
         seq_len = tl.load(seq_lens_ptr + b)
     else:
@@ -131,6 +126,40 @@ def _attention_kernel(
     if STORE_LSE:  # natural log, as the contract states
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
         tl.store(lse_ptr + q_rows * stride_lt + head, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["num_seqs", "paged", "block_size", "rows_per_block", "stride_bt"])
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, seq_lens_ptr, block_table_ptr,
+    num_seqs, qk_scale, paged, block_size, rows_per_block,
+    stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEQ_MAJOR: tl.constexpr,  # program_id(0) = a sequence, walking its query tiles (decode batches);
+                              # else = a query tile, found by a search over cu_q
+):
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    kv_head = tl.program_id(1)
+    if SEQ_MAJOR:
+        b = tl.program_id(0)
+        q_start = tl.load(cu_q_ptr + b)
+        num_q = tl.load(cu_q_ptr + b + 1) - q_start
+        for tile in range(0, tl.cdiv(num_q, TOKENS)):
+            _attend_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_table_ptr, b, tile, kv_head,
+                         q_start, num_q, qk_scale, paged, block_size, rows_per_block, stride_qt, stride_qh,
+                         stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
+                         GROUP, HEAD_DIM, BLOCK_D, STORE_LSE, PRECISION, BLOCK_M, BLOCK_N)
+    else:
+        pid = tl.program_id(0)
+        b = _find_seq(pid, cu_q_ptr, num_seqs, TOKENS)
+        q_start = tl.load(cu_q_ptr + b)
+        num_q = tl.load(cu_q_ptr + b + 1) - q_start
+        tile = pid - (q_start // TOKENS + b)
+        if tile * TOKENS < num_q:
+            _attend_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_table_ptr, b, tile, kv_head,
+                         q_start, num_q, qk_scale, paged, block_size, rows_per_block, stride_qt, stride_qh,
+                         stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
+                         GROUP, HEAD_DIM, BLOCK_D, STORE_LSE, PRECISION, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -283,13 +312,14 @@ def _check_heads(q: torch.Tensor, num_kv_heads: int) -> int:
 
 
 def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scale, paged, lse, rows_per_block=None,
-                out=None):
+                out=None, decode=None):
+    """`decode` (None = automatic: no more query tokens than sequences; a knob for tests) gives
+    each program a whole sequence instead of a query tile. It changes no bit."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_rows.shape[1]
     group = _check_heads(q, num_kv_heads)
     if k_rows.dtype != q.dtype or v_rows.dtype != q.dtype:
         raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k_rows.dtype}, {v_rows.dtype}")
-    block_m, block_n, num_warps, precision = _FWD[q.dtype]
     if out is None:
         out = torch.empty_like(q)
     elif out.stride(-1) != 1:
@@ -297,30 +327,36 @@ def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scal
     num_seqs = cu_q.shape[0] - 1
     if num_tokens == 0 or num_seqs == 0:
         return out
-    tokens_per_tile = block_m // group
-    grid = (triton.cdiv(num_tokens, tokens_per_tile) + num_seqs, num_kv_heads)
+    if decode is None:
+        decode = num_tokens <= num_seqs
+    block_m, block_n, num_warps, precision = _FWD[q.dtype]
+    if decode:
+        grid = (num_seqs, num_kv_heads)
+    else:
+        grid = (triton.cdiv(num_tokens, block_m // group) + num_seqs, num_kv_heads)
     _attention_kernel[grid](
         q, k_rows, v_rows, out, lse if lse is not None else out, cu_q, seq_lens, block_table,
         num_seqs, scale * _LOG2E, int(paged), block_size, rows_per_block or block_size,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        STORE_LSE=lse is not None, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=_FWD_STAGES)
+        STORE_LSE=lse is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, SEQ_MAJOR=decode,
+        num_warps=num_warps, num_stages=_FWD_STAGES)
     return out
 
 
-def attention_varlen_fwd(q, k, v, cu_seqlens, scale: float):
+def attention_varlen_fwd(q, k, v, cu_seqlens, scale: float, decode=None):
     """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [B+1] -> (out [T, Hq, D], lse fp32 [T, Hq])."""
     q, k, v = _heads_view(q), _heads_view(k), _heads_view(v)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     cu = cu_seqlens.to(torch.int32).contiguous()
     # seq_lens / block_table are not read in the varlen layout; any int32 tensors do.
-    out = _launch_fwd(q, k, v, cu, cu, cu[None, :], 1, scale, False, lse)
+    out = _launch_fwd(q, k, v, cu, cu, cu[None, :], 1, scale, False, lse, decode=decode)
     return out, lse
 
 
-def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float, out=None):
+def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float, out=None,
+                        decode=None):
     """q [T, Hq, D]; caches [NB, BS, Hkv, D]; block_table int [B, MB]; seq_lens [B]; cu_seqlens_q [B+1].
     Writes `out` [T, Hq, D] (new if None): the rows of the sequences' new tokens."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -337,7 +373,7 @@ def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     return _launch_fwd(_heads_view(q), k_rows, v_rows, cu_seqlens_q.to(torch.int32).contiguous(),
                        seq_lens.to(torch.int32).contiguous(),
-                       table.to(torch.int32), block_size, scale, True, None, rows_per_block, out)
+                       table.to(torch.int32), block_size, scale, True, None, rows_per_block, out, decode)
 
 
 def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):

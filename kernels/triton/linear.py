@@ -8,8 +8,9 @@ the strides, or a run):
   * The chain partials are added left to right: total = ((0 + c0) + c1) + c2 ...
 
 What M changes is only who computes what. Few output tiles (decode): one program per (tile,
-chain) writes its fp32 partial, and the last program of a tile to finish adds the partials in
-chain order (a counter per tile says which is last; nothing is added in arrival order). Many
+chain) writes its fp32 partial, and the partials are added in chain order: by the last program
+of a tile to finish when M is a few rows (a counter per tile says which is last; nothing is
+added in arrival order), else by a second kernel spread over the output. Many
 tiles (prefill, training): one program per tile walks K once, adding each chain's accumulator to
 the total at the chain's end. Tiles may be 64 or 128 rows: both run the same m64n128k16 MMA per
 warpgroup over the same k order. Loads go through TMA when the operands allow it, else through
@@ -51,7 +52,7 @@ _TILES = {
     torch.float32: {"big": (64, 64, 8), "small": (64, 64, 8)},
 }
 _SMALL_M = 64  # M at or below this takes the "small" tiles (speed only)
-_FOLD_IN_KERNEL = True  # split: the last program of a tile folds (else a second kernel does)
+_FOLD_IN_KERNEL_MAX_M = 16  # split: up to this M the tile's last program folds, else a second kernel
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_COUNTERS = 1 << 16  # output tiles of one split launch (a counter each)
 
@@ -222,11 +223,19 @@ def _linear_kernel(
 
 @triton.jit
 def _fold_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_pc, stride_om, num_chains, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # The same ordered fold as the in-kernel one, as a second launch (FOLD_IN_KERNEL=False).
-    off_m, off_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    total = _fold_tile(part_ptr, off_m, off_n, M, N, stride_pc, num_chains, BLOCK_M, BLOCK_N)
-    _store_tile(out_ptr, total, off_m, off_n, M, N, stride_om, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+                 BLOCK: tl.constexpr):
+    # The same ordered fold as the in-kernel one, as a second launch spread over BLOCK-element
+    # slices of out (FOLD_IN_KERNEL=False): at M beyond a few rows one program per tile would
+    # read all of a tile's partials alone.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(num_chains):
+        total = total + tl.load(part_ptr + c * stride_pc + offs, mask=mask, other=0.0)
+    col = offs % N
+    if HAS_BIAS:
+        total = total + tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (offs // N) * stride_om + col, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x2d: torch.Tensor, w: torch.Tensor) -> None:
@@ -303,7 +312,9 @@ def _launch(x2d, w, bias, out_dtype, out=None, split=None, use_tma=None, tiles=N
     if split is None:  # only the grid depends on M; the bits do not
         split = num_tiles <= _num_sms(x2d.device.index or 0) // 2
     split = split and chains > 1
-    fold_in_kernel = (_FOLD_IN_KERNEL if fold_in_kernel is None else fold_in_kernel) and num_tiles <= _MAX_COUNTERS
+    if fold_in_kernel is None:
+        fold_in_kernel = M <= _FOLD_IN_KERNEL_MAX_M
+    fold_in_kernel = fold_in_kernel and num_tiles <= _MAX_COUNTERS
     xa, wa, flags = _operands(x2d, w, use_tma, block_m, block_n, block_k)
     bias_arg = bias if bias is not None else out
     meta = dict(HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, PRECISION=precision, BLOCK_M=block_m,
@@ -316,9 +327,9 @@ def _launch(x2d, w, bias, out_dtype, out=None, split=None, use_tma=None, tiles=N
         _linear_kernel[(num_tiles, chains)](xa, wa, bias_arg, out, part, counters, M, N, K, *strides, part.stride(0),
                                             SPLIT=True, FOLD_IN_KERNEL=fold_in_kernel, **meta)
         if not fold_in_kernel:
-            _fold_kernel[(num_tiles,)](part, bias_arg, out, M, N, part.stride(0), out.stride(0), chains,
-                                       HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
-                                       num_warps=4)
+            block = 1024
+            _fold_kernel[(triton.cdiv(M * N, block),)](part, bias_arg, out, M, N, part.stride(0), out.stride(0),
+                                                       chains, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
         return out
     _linear_kernel[(num_tiles, 1)](xa, wa, bias_arg, out, out, out, M, N, K, *strides, 0,
                                    SPLIT=False, FOLD_IN_KERNEL=False, **meta)

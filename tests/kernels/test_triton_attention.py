@@ -108,6 +108,18 @@ def test_prefill_chunked_decode_and_batch_give_the_same_bits(dtype, hq, hkv, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sequence_major_grid_gives_the_same_bits(dtype):
+    """The decode grid (a program per sequence) on a prefill batch equals the query-tile grid."""
+    attn = _attn()
+    lens = [300, 1, 129, 64]
+    q, k, v = _qkv(sum(lens), 16, 8, 128, dtype, seed=6)
+    cu, scale = _cu(lens), 128**-0.5
+    tiles, lse = attn.attention_varlen_fwd(q, k, v, cu, scale, decode=False)
+    seqs, lse_seqs = attn.attention_varlen_fwd(q, k, v, cu, scale, decode=True)
+    assert torch.equal(seqs, tiles) and torch.equal(lse_seqs, lse)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hkv,d", HEADS[:1] + HEADS[3:])
 def test_backward_matches_float64_and_is_deterministic(dtype, hq, hkv, d):
     attn = _attn()
