@@ -21,8 +21,6 @@ walking the query tiles in order, dQ by one program per query tile walking the K
 order; no atomics, so two runs give the same bits.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
