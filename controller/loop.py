@@ -11,11 +11,13 @@ Monarch meshes are wrapped to look like that in controller/session.py.
 import asyncio
 import statistics
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from lockstep.actors.grpo import assign_advantages
+from lockstep.actors.reward_runner import RewardTimeoutWarning
 from lockstep.actors.types import Sample, TrainBatch
 from lockstep.controller import barrier as barrier_mod
 from lockstep.controller.audit import FailedSample
@@ -25,7 +27,7 @@ from lockstep.controller.audit import FailedSample
 class Handles:
     generators: list[Any]  # one per data-parallel replica: generate, update_weights, version
     trainer: Any  # logprobs, train_step, push_weights, save, load, version
-    reward: Any  # score(samples) -> list[float], already merged over the reward ranks
+    reward: Any  # score(samples) -> reward_runner.Scores, already merged over the reward ranks
 
 
 @dataclass
@@ -130,12 +132,16 @@ async def run_step(
         raise RuntimeError("the generators returned no samples for this step's prompts")
 
     with _timed(times, "reward"):
-        rewards = await handles.reward.score(samples)
-        if len(rewards) != len(samples):
-            raise RuntimeError(f"reward mesh returned {len(rewards)} scores for {len(samples)} samples")
-        for sample, reward in zip(samples, rewards):
+        scores = await handles.reward.score(samples)
+        if len(scores.values) != len(samples):
+            raise RuntimeError(f"reward mesh returned {len(scores.values)} scores for {len(samples)} samples")
+        for sample, reward in zip(samples, scores.values):
             sample.reward = reward
         assign_advantages(samples)
+    if scores.num_timeouts:  # reward.on_timeout=default: the step goes on, the user is told
+        more = f" (and {len(scores.timeouts) - 1} more calls)" if len(scores.timeouts) > 1 else ""
+        warnings.warn(f"step {step}: {scores.num_timeouts} of {len(samples)} samples timed out: "
+                      f"{scores.timeouts[0]}{more}", RewardTimeoutWarning, stacklevel=1)
 
     report = None
     if barrier != "off":
@@ -166,6 +172,7 @@ async def run_step(
     num_generated = sum(len(s.completion_ids) for s in samples)
     metrics = {"step": step, "policy_version": new_version, "num_samples": len(samples)}
     metrics.update(_reward_metrics(samples))
+    metrics["reward/num_timeouts"] = scores.num_timeouts
     metrics.update({f"train/{k}": float(v) for k, v in train_stats.items()})
     if report is not None:
         metrics.update(report.as_metrics())

@@ -3,7 +3,7 @@
     with Session(mesh="local-cpu", loop={"steps": 20}) as s:   # or Session("run.yaml")
         s.run(5)                     # or s.step() -> metrics dict
         s.generate("12+7=")          # ad-hoc prompts -> list[Sample]
-        s.set_reward(my_fn)          # swap the reward function (a callable or "pkg.mod:fn")
+        s.set_reward(my_fn)          # swap the reward: a function or class, or "pkg.mod:name"
         s.metrics                    # history, one dict per step
         s.audit()                    # after a strict-barrier halt: the first module that differs
 
@@ -14,7 +14,6 @@ under a plain script and inside Jupyter, whose own loop is already running.
 import asyncio
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -27,7 +26,7 @@ from monarch.actor import ActorError
 from tqdm.auto import tqdm
 
 from lockstep.actors import weight_sync
-from lockstep.actors.reward import RewardConfig, RewardFunctionConfig, RewardRunner, merge_strided, pack
+from lockstep.actors.reward import RewardConfig, RewardFunctionConfig, RewardRunner, Scores, merge_scores, pack
 from lockstep.actors.types import Sample
 from lockstep.controller import audit as audit_mod
 from lockstep.controller.audit import AuditReport, FailedSample
@@ -100,8 +99,8 @@ class _MeshHandle:
 
 
 class _RewardHandle(_MeshHandle):
-    async def score(self, samples: list[Sample]) -> list[float]:
-        return merge_strided(await self._call("score", samples))
+    async def score(self, samples: list[Sample]) -> Scores:
+        return merge_scores(await self._call("score", samples))
 
 
 def _generator_replicas(mesh, num_replicas: int, tp: int) -> list[_MeshHandle]:
@@ -347,13 +346,13 @@ class Session:
         self._require_started()
         return self._run(generate(self._handles.generators, prompts, fields, self.policy_version, n))
 
-    def set_reward(self, fn: Callable | str | list[tuple[Callable | str, float]], weight: float = 1.0) -> None:
-        """Replace the reward: one function (callable or "pkg.mod:fn") or a list of (fn, weight)."""
+    def set_reward(self, fn: Callable | type | str | list[tuple], weight: float = 1.0, args: dict | None = None) -> None:
+        """Replace the reward: one function or reward class (the object or "pkg.mod:name"), or a
+        list of (fn, weight) / (fn, weight, args) to sum. `args`: a class's constructor arguments;
+        the class is built once on each reward proc."""
         self._require_started()
-        functions = fn if isinstance(fn, list) else [(fn, weight)]
-        if not all(math.isfinite(w) for _, w in functions):
-            raise ValueError("set_reward: weights must be finite numbers")
-        RewardRunner(functions)  # resolve here: a bad path or non-callable fails with a clear line
+        functions = fn if isinstance(fn, list) else [(fn, weight, args or {})]
+        RewardRunner(functions)  # resolve here: a bad path, weight or args fails with a clear line
         self._run(self._reward_handle._call("set_functions", pack(functions)))
 
     def audit(self, target: FailedSample | Sample | str | None = None, *, token: int | None = None) -> AuditReport:

@@ -3,7 +3,7 @@ import asyncio
 import pytest
 
 from fake_actors import FakeGenerator, FakeReward, FakeTrainer
-from lockstep.actors.reward import RewardError, RewardRunner
+from lockstep.actors.reward import RewardConfig, RewardError, RewardRunner, RewardTimeoutWarning
 from lockstep.controller.barrier import BarrierError
 from lockstep.controller.loop import Handles, run_step, split_evenly
 
@@ -11,11 +11,12 @@ PROMPTS = ["1+1=", "2+2=", "3+4=", "5+0=", "9+9="]
 FIELDS = [{"answer": a} for a in ["2", "4", "7", "5", "18"]]
 
 
-def make(num_generators=2, flip=None, reward=lambda p, c, **f: float(c == "1")):
+def make(num_generators=2, flip=None, reward=lambda p, c, **f: float(c == "1"), rewards=None, **settings):
     calls = []
     gens = [FakeGenerator(calls, f"gen{i}") for i in range(num_generators)]
     trainer = FakeTrainer(calls, flip=flip)
-    handles = Handles(generators=gens, trainer=trainer, reward=FakeReward(calls, RewardRunner([(reward, 1.0)])))
+    runner = RewardRunner(rewards or [(reward, 1.0)], RewardConfig(workers=1, **settings))
+    handles = Handles(generators=gens, trainer=trainer, reward=FakeReward(calls, runner))
     return calls, handles
 
 
@@ -116,3 +117,44 @@ def test_bad_reward_stops_the_step_before_training(bad):
     with pytest.raises(RewardError, match=r"broken.*'5\+0='"):
         step(handles)
     assert not any(what in ("logprobs", "train_step", "push_weights") for _, what, _ in calls)
+
+
+class LengthModel:
+    """A batched reward class: scores a whole batch per call."""
+
+    def __init__(self, scale):
+        self.scale, self.batch_sizes = scale, []
+
+    def __call__(self, prompts, completions, answer, **fields):
+        self.batch_sizes.append(len(completions))
+        return [self.scale * (len(c) + len(a)) for c, a in zip(completions, answer)]
+
+
+def test_class_and_function_scores_reach_the_trainer_weighted():
+    _, handles = make(rewards=[(LengthModel, 0.5, {"scale": 2.0}), (lambda p, c, **f: float(c == "1"), 3.0)])
+    step(handles)
+    (batch,) = handles.trainer.batches
+    assert len(batch.samples) == 10
+    for s in batch.samples:
+        assert s.reward == 0.5 * 2.0 * (len(s.completion) + len(s.fields["answer"])) + 3.0 * (s.completion == "1")
+    assert handles.reward.runner.rewards[0].instance.batch_sizes == [10]  # one call, the whole batch
+
+
+def test_timeouts_scored_by_default_are_counted_and_warned():
+    async def stuck_on_one(prompt, completion, **fields):
+        await asyncio.sleep(600 if (prompt, completion) == ("5+0=", "1") else 0)
+        return 1.0
+
+    calls, handles = make(reward=stuck_on_one, timeout_s=0.2, on_timeout="default", default_score=-2.0)
+    with pytest.warns(RewardTimeoutWarning, match=r"^step 0: 1 of 10 samples timed out: reward function "
+                                                  r".*stuck_on_one on sample 7 \(prompt '5\+0=', completion '1'\) "
+                                                  r"ran past reward.timeout_s=0.2 s; scored reward.default_score=-2$"):
+        result = step(handles)
+    assert result.metrics["reward/num_timeouts"] == 1
+    assert sorted(s.reward for s in handles.trainer.batches[0].samples) == [-2.0] + [1.0] * 9
+    assert any(what == "train_step" for _, what, _ in calls)
+
+    _, handles = make(reward=stuck_on_one, timeout_s=0.2)  # on_timeout=error (the default)
+    with pytest.raises(RewardError, match=r"stuck_on_one on sample 7 .* ran past reward.timeout_s=0.2 s; the step was not applied"):
+        step(handles)
+    assert handles.trainer.batches == []
