@@ -8,7 +8,9 @@
 GPU placement: on each host, the generator takes the first GPUs and the trainer the next
 ones, unless `colocate: true`, where both share GPUs 0.. (a 1-GPU host): the generator then
 keeps only `generator.gpu_memory_utilization` of the memory and the trainer uses the rest.
-Reward procs never use a GPU. One proc per GPU.
+One proc per GPU. Reward procs use none unless `reward.gpus` (GPUs per reward proc, e.g.
+for a reward model): they take the GPUs after the generator's and trainer's, or with
+`reward.colocate: true` share theirs from GPU 0.
 """
 
 import dataclasses
@@ -88,9 +90,11 @@ class TrainerRole(GridRole):
 
 @dataclass(kw_only=True, slots=True)
 class RewardRole:
-    """Reward functions: `procs` CPU procs, rank r scores samples[r::procs]."""
+    """Reward procs: rank r scores samples[r::procs], on `gpus` GPUs of its own (0: CPU only)."""
 
     procs: int = 1
+    gpus: int = 0  # GPUs per reward proc (device cuda), e.g. for a reward model
+    colocate: bool = False  # share the generator's and trainer's GPUs (from GPU 0) instead
     hosts: list[int] = field(default_factory=lambda: [0])
 
     def __post_init__(self):
@@ -98,6 +102,10 @@ class RewardRole:
         _check_hosts(self.hosts)
         if self.procs % len(self.hosts):
             raise ValueError(f"procs={self.procs} do not split evenly over {len(self.hosts)} hosts")
+        if self.gpus < 0:
+            raise ValueError(f"gpus must be >= 0 (GPUs per reward proc), got {self.gpus}")
+        if self.colocate and not self.gpus:
+            raise ValueError("colocate shares GPUs but gpus is 0; set gpus (per reward proc) or drop colocate")
 
     @property
     def num_procs(self) -> int:
@@ -132,6 +140,8 @@ class MeshConfig:
             raise ValueError("colocate shares GPUs; remove it for device cpu")
         if self.colocate and self.generator.hosts != self.trainer.hosts:
             raise ValueError("colocate needs generator.hosts == trainer.hosts")
+        if self.reward.gpus and self.device != "cuda":
+            raise ValueError(f"reward.gpus={self.reward.gpus} needs device cuda; remove it for device cpu")
         if self.launcher.kind == "local" and self.hosts != 1:
             raise ValueError(f"launcher local runs on this one machine but hosts={self.hosts}; use kind slurm or hosts")
         if self.launcher.kind == "hosts" and len(self.launcher.hosts) != self.hosts:
@@ -155,17 +165,25 @@ class MeshConfig:
     def layout(self, role: str) -> Layout:
         spec = self.role(role)
         shape = (spec.procs,) if role == "reward" else (spec.dp, spec.tp)
-        device_type = "cpu" if role == "reward" else self.device
+        device_type = ("cuda" if self.reward.gpus else "cpu") if role == "reward" else self.device
         return Layout(role=role, dim_names=ROLE_DIM_NAMES[role], shape=shape, device_type=device_type)
 
     def gpu_ids(self, role: str, host: int = 0) -> list[int]:
-        """GPU indices `role` uses on `host` (empty on CPU, for reward, or if the role is elsewhere)."""
-        if self.device != "cuda" or role == "reward" or host not in self.role(role).hosts:
+        """GPU indices `role` uses on `host` (empty on CPU, for a CPU-only reward, or if the role is elsewhere)."""
+        if self.device != "cuda" or host not in self.role(role).hosts:
             return []
+        if role == "reward":
+            start = 0 if self.reward.colocate else self._policy_gpus(host)
+            return list(range(start, start + self.procs_per_host("reward") * self.reward.gpus))
         start = 0
         if role == "trainer" and not self.colocate and host in self.generator.hosts:
             start = self.procs_per_host("generator")
         return list(range(start, start + self.procs_per_host(role)))
+
+    def _policy_gpus(self, host: int) -> int:
+        """GPUs the generator and trainer take on `host`."""
+        counts = [self.procs_per_host(r) for r in ("generator", "trainer") if host in self.role(r).hosts]
+        return max(counts, default=0) if self.colocate else sum(counts)
 
     def _check_fits(self, host: int) -> None:
         on_host = {r: self.procs_per_host(r) for r in ROLES if host in self.role(r).hosts}
@@ -178,6 +196,13 @@ class MeshConfig:
         if used > self.gpus:
             how = "max" if self.colocate else "sum"
             raise ValueError(f"host {host} needs {how} of {_describe(gpu_roles)} = {used} GPUs but gpus={self.gpus}")
+        reward_gpus = on_host.get("reward", 0) * self.reward.gpus
+        if reward_gpus and (reward_gpus if self.reward.colocate else used + reward_gpus) > self.gpus:
+            if self.reward.colocate:
+                need = f"reward {on_host['reward']} procs x {self.reward.gpus} = {reward_gpus} GPUs (colocated)"
+            else:
+                need = f"{_describe(gpu_roles)} + reward {on_host['reward']} procs x {self.reward.gpus} = {used + reward_gpus} GPUs"
+            raise ValueError(f"host {host} needs {need} but gpus={self.gpus}")
 
 
 def load_mesh_config(name_or_path: str | Path) -> MeshConfig:

@@ -10,7 +10,8 @@ Each role's procs are spawned once, on first use, with:
 - one flat per-host dim, "gpus" on GPU roles and "procs" otherwise; proc rank r is the
   row-major index into `meshes.layout(role)` (rank = dp_index * tp + tp_index);
 - CUDA_VISIBLE_DEVICES = the role's GPUs on that host (`MeshConfig.gpu_ids`); reward procs see
-  none. LOCAL_RANK indexes into those, so proc r uses cuda:r within its role (torchrun style);
+  none unless `reward.gpus`. LOCAL_RANK indexes into those, so proc r uses cuda:r within its role
+  (torchrun style; a reward proc narrows them to its own `reward.gpus`);
 - torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...) set by Monarch's own
   `setup_torch_elastic_env_async`, so `lockstep.actors.dist.init_distributed` can join the
   role's world from inside any actor.
@@ -91,7 +92,7 @@ async def _spawn_procs(cfg: MeshConfig, role: str) -> ProcMesh:
 
 def proc_env(cfg: MeshConfig, role: str, host: int = 0) -> dict[str, str]:
     """Environment a role's procs start with on `host`: on GPU meshes, the role's GPUs only
-    (reward gets "", no GPU at all, so it never touches the trainer's or generator's)."""
+    (a reward without `reward.gpus` gets "", so it never touches the trainer's or generator's)."""
     if cfg.device != "cuda":
         return {}
     return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, cfg.gpu_ids(role, host)))}

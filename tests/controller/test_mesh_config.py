@@ -151,3 +151,40 @@ def test_role_spread_over_two_hosts(tmp_path):
     assert error_of(tmp_path, "device: cuda\nhosts: 2\ngpus: 8\nlauncher: {kind: hosts, hosts: [node-a]}\n") == (
         f"mesh config '{tmp_path / 'mine.yaml'}': launcher.hosts lists 1 addresses but hosts=2"
     )
+
+
+def test_reward_gpus_after_the_policy_or_colocated(tmp_path):
+    from lockstep.controller.meshes import proc_env
+
+    own = load_text(tmp_path, "device: cuda\nhosts: 1\ngpus: 4\ngenerator: {dp: 1}\ntrainer: {dp: 1}\n"
+                              "reward: {procs: 2, gpus: 1}\n")
+    assert [own.gpu_ids(r) for r in ROLES] == [[0], [1], [2, 3]]
+    assert own.layout("reward") == Layout(role="reward", dim_names=("dp",), shape=(2,), device_type="cuda")
+    assert proc_env(own, "reward") == {"CUDA_VISIBLE_DEVICES": "2,3"}  # each proc then keeps its own one
+
+    shared = load_text(tmp_path, "device: cuda\nhosts: 1\ngpus: 1\ncolocate: true\n"
+                                 "reward: {procs: 1, gpus: 1, colocate: true}\n")
+    assert [shared.gpu_ids(r) for r in ROLES] == [[0], [0], [0]]  # a reward model next to the policy
+
+    two_each = load_text(tmp_path, "device: cuda\nhosts: 1\ngpus: 8\ngenerator: {dp: 2}\ntrainer: {dp: 2}\n"
+                                   "reward: {procs: 2, gpus: 2}\n")
+    assert two_each.gpu_ids("reward") == [4, 5, 6, 7]
+    assert load_mesh_config("h100x8").gpu_ids("reward") == []  # no reward.gpus: CPU only, as before
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (LOCAL + "reward: {procs: 2, gpus: 1}\n", "reward.gpus=1 needs device cuda; remove it for device cpu"),
+        (LOCAL + "reward: {procs: 2, colocate: true}\n",
+         "reward: colocate shares GPUs but gpus is 0; set gpus (per reward proc) or drop colocate"),
+        (LOCAL + "reward: {procs: 2, gpus: -1}\n", "reward: gpus must be >= 0 (GPUs per reward proc), got -1"),
+        (LOCAL + "reward: {procs: 2, gpu: 1}\n", "unknown key 'reward.gpu'; allowed here: procs, gpus, colocate, hosts"),
+        ("device: cuda\nhosts: 1\ngpus: 2\nreward: {procs: 2, gpus: 1}\n",
+         "host 0 needs generator 1 + trainer 1 + reward 2 procs x 1 = 4 GPUs but gpus=2"),
+        ("device: cuda\nhosts: 1\ngpus: 2\ncolocate: true\nreward: {procs: 3, gpus: 1, colocate: true}\n",
+         "host 0 needs reward 3 procs x 1 = 3 GPUs (colocated) but gpus=2"),
+    ],
+)
+def test_bad_reward_gpus_are_one_clear_line(tmp_path, text, message):
+    assert error_of(tmp_path, text) == f"mesh config '{tmp_path / 'mine.yaml'}': {message}"
