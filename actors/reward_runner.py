@@ -153,6 +153,11 @@ def pack_one(fn: RewardFn | str | bytes) -> str | bytes:
         cloudpickle.register_pickle_by_value(module)
     try:
         return _PACKED + cloudpickle.dumps(fn)
+    except Exception as e:
+        raise ValueError(
+            f"reward {reward_name(fn)} cannot travel to the reward procs: pickling it failed "
+            f"({type(e).__name__}: {e}); keep open files, locks and clients out of it (a class can open them in __init__)"
+        ) from None
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)
@@ -208,7 +213,7 @@ class _Reward:
     weight: float
     name: str
     args: dict
-    portable: str | bytes  # how a worker process loads it (sync functions)
+    portable: Any  # as given; for sync functions, pack_one()ed: how a worker process loads it
     pool_index: int | None = None  # sync functions: which of the workers' functions it is
     instance: Any = None  # a class: built by setup()
 
@@ -265,17 +270,17 @@ class RewardRunner:
                 raise ValueError(f"reward {item!r}: give (fn, weight) or (fn, weight, args)")
             fn, weight, *rest = item
             args = rest[0] if rest else {}
-            portable = fn if isinstance(fn, (str, bytes)) else pack_one(fn)
             obj = load_packed(fn)
             name = fn if isinstance(fn, str) else reward_name(obj)
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ValueError(f"reward {name}: weight {weight!r} must be a finite number")
             _check(obj, name, args or {})
-            self.rewards.append(_Reward(obj, float(weight), name, dict(args or {}), portable))
+            self.rewards.append(_Reward(obj, float(weight), name, dict(args or {}), fn))
         # Sync functions run in the workers; pool_index is their index in the workers' list.
         self._pooled = [r for r in self.rewards if r.kind == "function" and not _is_async(r.obj)]
         for i, r in enumerate(self._pooled):
             r.pool_index = i
+            r.portable = pack_one(r.portable)
         self._pool: WorkerPool | None = None
 
     @classmethod

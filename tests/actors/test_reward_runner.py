@@ -344,3 +344,14 @@ def test_pack_keeps_args_and_makes_classes_portable():
     assert isinstance(packed[0][0], bytes) and packed[0][1:] == (1.0, {"scale": 3.0})
     assert packed[1] == ("lockstep.controller.rewards:arithmetic", 0.5)
     assert score(packed, [sample(completion="2")]) == [3.0 + 0.5]
+
+
+def test_a_reward_that_cannot_be_pickled_says_what_to_do():
+    import threading
+
+    lock = threading.Lock()
+    with pytest.raises(ValueError, match=r"reward .*<lambda> cannot travel to the reward procs: pickling it failed "
+                                         r"\(TypeError: cannot pickle '_thread.lock' object\)"):
+        RewardRunner([(lambda p, c, **_: 1.0 if lock else 0.0, 1.0)])
+    with pytest.raises(ValueError, match="cannot travel to the reward procs"):
+        pack([(lambda p, c, **_: 1.0 if lock else 0.0, 1.0)])
