@@ -90,11 +90,13 @@ class _Worker:
         return self.proc.pid
 
     def _handshake(self, functions: list) -> None:
-        _send(self.proc.stdin, functions)
         try:
+            _send(self.proc.stdin, functions)
             reply = _recv(self.proc.stdout)
-        except EOFError:
-            raise WorkerStartError(f"the worker exited while loading the functions (exit code {self.proc.wait()})") from None
+        except (EOFError, OSError):
+            raise WorkerStartError(
+                f"the worker exited while loading the functions ({_exit_status(self.proc.wait())})"
+            ) from None
         if reply[0] != "ok":
             raise WorkerStartError(reply[1])
 
