@@ -4,7 +4,7 @@ Policies (`loop.barrier`):
   strict   halt the step before the optimizer at the first token whose two fp32
            logprobs differ in any bit, printing both values exactly;
   measure  count differing tokens, max |diff| and a KL estimate, then train anyway;
-  off      skip the trainer's scoring pass and the comparison.
+  off      skip the comparison (the trainer's logprobs still come from its training forward).
 """
 
 from dataclasses import dataclass

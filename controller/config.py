@@ -15,7 +15,7 @@ import yaml
 
 from lockstep.actors.generator import GeneratorConfig
 from lockstep.actors.reward import RewardConfig
-from lockstep.actors.trainer import TrainerConfig
+from lockstep.actors.training import TrainerConfig
 from lockstep.controller.barrier import POLICIES
 from lockstep.controller.data import DataConfig
 from lockstep.models import ModelConfig

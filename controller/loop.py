@@ -1,8 +1,8 @@
 """One RL step, written against actor handles so tests can pass fakes.
 
 prompts -> generate (policy version k, checked by the generators) -> rewards ->
-advantages -> trainer logprobs of the same tokens -> barrier -> train step ->
-push weights (k+1) -> generators pull (k+1).
+advantages -> trainer forward + backward (its logprobs of the same tokens) -> barrier ->
+optimizer step -> push weights (k+1) -> generators pull (k+1).
 
 A handle is any object with the role's async methods (docs/architecture.md); the
 Monarch meshes are wrapped to look like that in controller/session.py.
@@ -26,7 +26,7 @@ from lockstep.controller.audit import FailedSample
 @dataclass
 class Handles:
     generators: list[Any]  # one per data-parallel replica: generate, update_weights, version
-    trainer: Any  # logprobs, train_step, push_weights, save, load, version
+    trainer: Any  # forward_backward, optimizer_step, drop_gradients, push_weights, version, ...
     reward: Any  # score(samples) -> reward_runner.Scores, already merged over the reward ranks
 
 
@@ -110,6 +110,16 @@ def _failed_sample(mismatch, samples, trainer_logprobs, prompts, num_replicas, t
     )
 
 
+async def _drop_gradients(trainer) -> str:
+    """After a refused step: the next forward_backward starts from zero gradients anyway, so a
+    failure here only adds a note to the barrier's error, which stays the one raised."""
+    try:
+        await trainer.drop_gradients()
+    except Exception as e:
+        return f" (dropping the trainer's gradients failed: {e!r})"
+    return ""
+
+
 async def run_step(
     handles: Handles,
     prompts: list[str],
@@ -144,9 +154,9 @@ async def run_step(
                       f"{scores.timeouts[0]}{more}", RewardTimeoutWarning, stacklevel=1)
 
     report = None
-    if barrier != "off":
-        with _timed(times, "score"):
-            trainer_logprobs = await handles.trainer.logprobs(samples, temperature)
+    with _timed(times, "train"):
+        # The barrier checks the logprobs of the training forward itself, before the optimizer.
+        trainer_logprobs = await handles.trainer.forward_backward(TrainBatch(samples=samples, temperature=temperature))
         try:
             report = barrier_mod.check(
                 barrier,
@@ -155,13 +165,11 @@ async def run_step(
                 [s.completion_ids for s in samples],
             )
         except barrier_mod.BarrierError as e:
-            e.args = (f"step {step}: {e}",)
+            e.args = (f"step {step}: {e}{await _drop_gradients(handles.trainer)}",)
             e.failed = _failed_sample(e.report.first_mismatch, samples, trainer_logprobs, prompts,
                                       len(handles.generators), temperature, step)
             raise
-
-    with _timed(times, "train"):
-        train_stats = await handles.trainer.train_step(TrainBatch(samples=samples, temperature=temperature))
+        train_stats = await handles.trainer.optimizer_step()
 
     new_version = policy_version + 1
     with _timed(times, "sync"):

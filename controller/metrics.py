@@ -17,7 +17,7 @@ _CONSOLE = (
     ("perf/tokens_per_s", "tok/s", "{:.0f}"),
     ("time/step", "step_s", "{:.2f}"),
 )
-_PHASES = ("generate", "reward", "score", "train", "sync")
+_PHASES = ("generate", "reward", "train", "sync")
 
 
 def console_line(metrics: dict) -> str:

@@ -125,6 +125,37 @@ def test_training_raises_the_rewarded_completion(model_cfg):
         trainer.train_step(TrainBatch(samples=samples, temperature=TEMPERATURE))
 
 
+def test_forward_backward_returns_the_barrier_logprobs_and_drop_leaves_everything(model_cfg):
+    """The training forward's logprobs are the no-grad ones bit for bit (so the barrier needs
+    no scoring pass); dropped gradients change no weight, optimizer state, LR or version."""
+    trainer = Trainer(model_cfg, TrainerConfig(lr=1e-2, micro_batch_size=2))
+    samples = make_samples(num_prompts=2, num_per_prompt=3)
+    on_policy(trainer, samples, [1.0, 0.0, 0.5, 0.0, 1.0, 0.25])
+    batch = TrainBatch(samples=samples, temperature=TEMPERATURE)
+    trainer.train_step(batch)  # Adam has state and the LR schedule has moved
+    on_policy(trainer, samples)
+    before = {n: p.detach().clone() for n, p in trainer.scorer.named_parameters()}
+    optim_before = {k: v.clone() if torch.is_tensor(v) else v
+                    for k, v in trainer.optimizers.state_dict().items()}
+
+    got = trainer.forward_backward(batch)
+    assert all(torch.equal(x, y) for x, y in zip(got, trainer.logprobs(samples, TEMPERATURE)))
+    assert [x.shape for x in got] == [(len(s.completion_ids),) for s in samples]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.scorer.parameters())
+    trainer.drop_gradients()
+    assert all(p.grad is None or not p.grad.any() for p in trainer.scorer.parameters())
+    assert all(torch.equal(before[n], p) for n, p in trainer.scorer.named_parameters())
+    assert trainer.version == 1 and trainer.step == 1
+    for k, v in trainer.optimizers.state_dict().items():
+        assert torch.equal(v, optim_before[k]) if torch.is_tensor(v) else v == optim_before[k], k
+    with pytest.raises(RuntimeError, match="no gradients are pending; call forward_backward"):
+        trainer.optimizer_step()
+    # the same batch still trains afterwards
+    trainer.forward_backward(batch)
+    assert trainer.optimizer_step()["version"] == 2
+    assert not torch.equal(before["model.norm.weight"], trainer.scorer.model.norm.weight)
+
+
 def test_kl_to_reference(model_cfg):
     trainer = Trainer(model_cfg, TrainerConfig(lr=1e-2, kl_coef=0.1))
     samples = make_samples(num_prompts=1, num_per_prompt=2)
@@ -283,7 +314,10 @@ def test_trainer_actor_on_the_local_cpu_mesh(model_cfg):
                 for s, r in zip(samples, [1.0, 0.0, 0.0, 1.0]):
                     s.reward = r
                 assign_advantages(samples)
-                metrics = by_rank(await trainer.train_step.call(TrainBatch(samples=samples, temperature=TEMPERATURE)))
+                batch = TrainBatch(samples=samples, temperature=TEMPERATURE)
+                for logprobs in by_rank(await trainer.forward_backward.call(batch)):
+                    assert all(torch.equal(x, y) for x, y in zip(logprobs, expected))
+                metrics = by_rank(await trainer.optimizer_step.call())
                 assert metrics[0] == metrics[1] and metrics[0]["ratio_mean"] == 1.0
                 assert by_rank(await trainer.version.call()) == [1, 1]
                 await trainer.push_weights.call(1)

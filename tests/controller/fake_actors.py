@@ -52,21 +52,38 @@ class FakeTrainer:
 
     def __init__(self, calls: list, flip: tuple[int, int] | None = None):
         self.calls, self.flip = calls, flip
-        self.weights_version = 0
-        self.batches = []
+        self.weights_version = 0  # the version it last pushed
+        self.trained_version = 0  # optimizer steps taken
+        self.batches = []  # the batches optimizer_step applied
+        self.pending = None
 
-    async def logprobs(self, samples, temperature):
-        self.calls.append(("trainer", "logprobs", len(samples)))
+    def _score(self, samples):
         out = [s.logprobs.clone() for s in samples]
         if self.flip is not None:
             i, pos = self.flip
             out[i].view(torch.int32)[pos] ^= 1  # lowest mantissa bit
         return out
 
-    async def train_step(self, batch):
-        self.calls.append(("trainer", "train_step", len(batch.samples)))
-        self.batches.append(batch)
+    async def logprobs(self, samples, temperature):
+        self.calls.append(("trainer", "logprobs", len(samples)))
+        return self._score(samples)
+
+    async def forward_backward(self, batch):
+        self.calls.append(("trainer", "forward_backward", len(batch.samples)))
+        self.pending = batch
+        return self._score(batch.samples)
+
+    async def optimizer_step(self):
+        self.calls.append(("trainer", "optimizer_step", 0))
+        assert self.pending is not None, "optimizer_step without forward_backward"
+        self.batches.append(self.pending)
+        self.pending = None
+        self.trained_version += 1
         return {"loss": 0.5, "kl": 0.0, "grad_norm": 1.0, "lr": 1e-3, "num_tokens": 10}
+
+    async def drop_gradients(self):
+        self.calls.append(("trainer", "drop_gradients", 0))
+        self.pending = None
 
     async def push_weights(self, version):
         self.calls.append(("trainer", "push_weights", version))

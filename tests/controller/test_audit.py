@@ -96,13 +96,16 @@ def test_failed_sample_round_trips_through_a_file(tmp_path):
 
 
 class _Async:
-    """An in-process Generator / Trainer as a loop handle (async methods)."""
+    """An in-process Generator / Trainer as a loop handle (async methods); `calls` lists the
+    methods called through it."""
 
     def __init__(self, obj):
         self._obj = obj
+        self.calls = []
 
     def __getattr__(self, name):
         async def call(*args, **kwargs):
+            self.calls.append(name)
             result = getattr(self._obj, name)(*args, **kwargs)
             return await result if asyncio.iscoroutine(result) else result
 
@@ -120,6 +123,14 @@ def sides(tmp_path_factory):
 def _handles(generator, trainer):
     reward = FakeReward([], RewardRunner([(lambda prompt, completion, **f: float(len(completion)), 1.0)]))
     return Handles(generators=[_Async(generator)], trainer=_Async(trainer), reward=reward)
+
+
+def _trainer_state(trainer) -> dict:
+    """Every weight and optimizer tensor of the trainer, copied."""
+    state = {f"param/{n}": p.detach().clone() for n, p in trainer.scorer.named_parameters()}
+    for k, v in trainer.optimizers.state_dict().items():
+        state[f"optim/{k}"] = v.clone() if torch.is_tensor(v) else v
+    return state
 
 
 PROMPTS = ["1+2=", "3+3=", "4+0=", "2+2="]
@@ -145,11 +156,20 @@ def test_healthy_sample_audit_reports_no_difference(sides):
 def test_strict_halts_and_the_audit_names_the_perturbed_module(sides, weight, module):
     generator, trainer = sides
     generator.perturb_weight(weight)  # +1 ulp on the generator only
+    before = _trainer_state(trainer)
     try:
+        handles = _handles(generator, trainer)
         with pytest.raises(BarrierError, match="step 1: barrier") as e:
-            asyncio.run(run_step(_handles(generator, trainer), PROMPTS, [{}] * 4, 0, barrier="strict",
+            asyncio.run(run_step(handles, PROMPTS, [{}] * 4, 0, barrier="strict",
                                  temperature=TEMPERATURE, step=1))
-        assert trainer.version == 0 and trainer.step == 0  # no optimizer step
+        # one training forward + backward, its gradients dropped: no scoring pass, no optimizer step
+        assert handles.trainer.calls == ["forward_backward", "drop_gradients"]
+        assert trainer.version == 0 and trainer.step == 0
+        after = _trainer_state(trainer)
+        assert after.keys() == before.keys()
+        for key, value in before.items():
+            assert torch.equal(after[key], value) if torch.is_tensor(value) else after[key] == value, key
+        assert all(p.grad is None or not p.grad.any() for p in trainer.scorer.parameters())
         failed = e.value.failed
         mismatch = e.value.report.first_mismatch
         assert (failed.sample_index, failed.token_position) == (mismatch.sample_index, mismatch.position)

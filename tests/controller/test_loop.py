@@ -35,7 +35,7 @@ def test_phases_run_in_order_and_versions_advance():
     roles = [(who, what) for who, what, _ in calls]
     assert roles == [
         ("gen0", "generate"), ("gen1", "generate"),
-        ("reward", "score"), ("trainer", "logprobs"), ("trainer", "train_step"),
+        ("reward", "score"), ("trainer", "forward_backward"), ("trainer", "optimizer_step"),
         ("trainer", "push_weights"), ("gen0", "update_weights"), ("gen1", "update_weights"),
     ]
     # 5 prompts over 2 replicas: 3 + 2, and every prompt gets its global index back
@@ -58,8 +58,9 @@ def test_advantages_are_group_normalized_and_metrics_present():
         assert s.advantage == pytest.approx(1.0 if s.completion == "1" else -1.0, abs=1e-5)
     m = result.metrics
     assert m["reward/mean"] == 0.5 and m["barrier/num_differing_tokens"] == 0
-    for phase in ("generate", "reward", "score", "train", "sync", "step"):
+    for phase in ("generate", "reward", "train", "sync", "step"):
         assert m[f"time/{phase}"] >= 0
+    assert "time/score" not in m  # the barrier reads the training forward's logprobs
     assert m["train/loss"] == 0.5
 
 
@@ -68,7 +69,7 @@ def test_generator_at_wrong_version_refuses():
     handles.generators[1].weights_version = 3  # a replica missed a sync
     with pytest.raises(RuntimeError, match="policy version 3, asked for 0"):
         step(handles)
-    assert not any(what == "train_step" for _, what, _ in calls)
+    assert not any(what in ("forward_backward", "optimizer_step") for _, what, _ in calls)
 
 
 def test_stale_sample_version_is_caught_even_if_generator_does_not_check():
@@ -84,13 +85,25 @@ def test_stale_sample_version_is_caught_even_if_generator_does_not_check():
         step(handles, version=1)
 
 
-def test_strict_barrier_halts_before_train_step():
+def test_strict_barrier_halts_before_the_optimizer_step():
     calls, handles = make(flip=(3, 1))
     with pytest.raises(BarrierError) as e:
         step(handles, barrier="strict")
     assert "sample 3 token 1" in str(e.value)
-    assert not any(what in ("train_step", "push_weights") for _, what, _ in calls)
-    assert handles.trainer.weights_version == 0
+    roles = [what for who, what, _ in calls if who == "trainer"]
+    # one forward + backward, no separate scoring pass; its gradients are dropped, not applied
+    assert roles == ["forward_backward", "drop_gradients"]
+    assert handles.trainer.trained_version == 0 and handles.trainer.weights_version == 0
+    assert e.value.failed.sample_index == 3 and e.value.failed.token_position == 1
+    assert not any(what == "update_weights" for _, what, _ in calls)
+
+
+def test_the_step_has_no_scoring_pass_under_any_barrier():
+    for barrier in ("strict", "measure", "off"):
+        calls, handles = make()
+        step(handles, barrier=barrier)
+        assert [what for who, what, _ in calls if who == "trainer"] == [
+            "forward_backward", "optimizer_step", "push_weights"], barrier
 
 
 def test_measure_counts_the_flipped_bit_and_trains():
@@ -98,14 +111,14 @@ def test_measure_counts_the_flipped_bit_and_trains():
     result = step(handles, barrier="measure")
     assert result.metrics["barrier/num_differing_tokens"] == 1
     assert 0 < result.metrics["barrier/max_abs_diff"] < 1e-6
-    assert any(what == "train_step" for _, what, _ in calls)
+    assert any(what == "optimizer_step" for _, what, _ in calls)
 
 
-def test_barrier_off_skips_trainer_scoring():
+def test_barrier_off_trains_despite_a_flipped_bit():
     calls, handles = make(flip=(0, 0))
     result = step(handles, barrier="off")
-    assert not any(what == "logprobs" for _, what, _ in calls)
     assert "barrier/num_differing_tokens" not in result.metrics
+    assert handles.trainer.trained_version == 1
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0", None])
@@ -116,7 +129,7 @@ def test_bad_reward_stops_the_step_before_training(bad):
     calls, handles = make(reward=broken)
     with pytest.raises(RewardError, match=r"broken.*'5\+0='"):
         step(handles)
-    assert not any(what in ("logprobs", "train_step", "push_weights") for _, what, _ in calls)
+    assert not any(who == "trainer" for who, _, _ in calls)
 
 
 class LengthModel:
@@ -152,7 +165,7 @@ def test_timeouts_scored_by_default_are_counted_and_warned():
         result = step(handles)
     assert result.metrics["reward/num_timeouts"] == 1
     assert sorted(s.reward for s in handles.trainer.batches[0].samples) == [-2.0] + [1.0] * 9
-    assert any(what == "train_step" for _, what, _ in calls)
+    assert any(what == "optimizer_step" for _, what, _ in calls)
 
     _, handles = make(reward=stuck_on_one, timeout_s=0.2)  # on_timeout=error (the default)
     with pytest.raises(RewardError, match=r"stuck_on_one on sample 7 .* ran past reward.timeout_s=0.2 s; the step was not applied"):
