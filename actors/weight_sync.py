@@ -2,11 +2,11 @@
 
 Controller (once, after spawning the trainer procs; storage volumes live on those procs):
 
-    await weight_sync.start_store(await meshes.procs("trainer"))
+    await weight_sync.start_store(await meshes.procs("trainer"), transport=weight_sync.transport_for("cuda", 1))
     ...
     await weight_sync.stop_store()
 
-Trainer, on EVERY rank of its world (collective: it ends with a barrier):
+Trainer, on EVERY rank of its world (collective):
 
     await weight_sync.push_state_dict(hf_state_dict, version)   # DTensor shards or plain tensors
 
@@ -14,15 +14,27 @@ Generator, on every rank:
 
     state_dict = await weight_sync.pull_state_dict(version, like)  # like: {hf_name: Tensor | DTensor}
 
-Store layout (HF parameter names; the trainer converts with its state-dict adapter first):
-    policy/v{N}/{hf_name}   one tensor; a DTensor is stored as its shards, resharded on get
-    policy/v{N}/manifest    {hf_name: (shape, dtype)} written after every rank's shards are in
-    policy/latest           N, the newest complete version
+No per-parameter round trips: each trainer rank packs all its blocks into one flat buffer
+(actors/weight_pack.py) and publishes that buffer under one key, in one of two transports:
+
+  host      the buffer itself, in host memory, through torchstore's put/get (the storage volume
+            keeps it; parts of at most MAX_PART_BYTES each). Works everywhere.
+  cuda_ipc  the buffer stays on the trainer's GPU; torchstore holds its CUDA IPC handle. A
+            generator on the same host opens it and copies device to device into its own
+            parameters (no host copy). The trainer keeps the buffers of the versions in the store.
+
+Store layout (HF parameter names inside the manifest, not in keys):
+    policy/v{N}/rank{r}/part{p}   rank r's flat buffer (host) or its CUDA IPC handle (cuda_ipc)
+    policy/v{N}/manifest          {names: {hf_name: (shape, dtype)}, ranks: [RankLayout]}, written
+                                  after every rank's buffer is in
+    policy/latest                 N, the newest complete version
+    weight_sync/transport         the transport start_store chose
 After pushing N, versions older than N-1 are deleted (N-1 stays for a generator still reading it).
 """
 
 import asyncio
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,12 +43,17 @@ from monarch.actor import current_rank, endpoint, get_or_spawn_controller
 from torch.distributed.tensor import DTensor
 from torchstore.controller import Controller
 from torchstore.strategy import SingletonStrategy, TorchStoreStrategy
-from torchstore.transport.pipe import Request
+
+from lockstep.actors import weight_pack
+from lockstep.actors.weight_pack import Block, CudaBuffer
 
 STORE_NAME = "lockstep"
 POLICY_PREFIX = "policy/"
 LATEST_KEY = "policy/latest"
+TRANSPORT_KEY = "weight_sync/transport"
 MANIFEST = "manifest"
+TRANSPORTS = ("host", "cuda_ipc")
+MAX_PART_BYTES = 256 << 20  # one torchstore message per part: well under Monarch's frame limit
 _VERSION_RE = re.compile(r"^policy/v(\d+)/")
 
 
@@ -45,12 +62,26 @@ def policy_version_key(version: int) -> str:
     return f"{POLICY_PREFIX}v{version}"
 
 
-def param_key(version: int, name: str) -> str:
-    return f"{policy_version_key(version)}/{name}"
+def part_key(version: int, rank: int, part: int) -> str:
+    return f"{policy_version_key(version)}/rank{rank}/part{part}"
 
 
 def manifest_key(version: int) -> str:
     return f"{policy_version_key(version)}/{MANIFEST}"
+
+
+def transport_for(device: str, num_hosts: int) -> str:
+    """cuda_ipc when every role is on the GPUs of one host; host otherwise."""
+    return "cuda_ipc" if device == "cuda" and num_hosts == 1 else "host"
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """What one trainer rank published for a version."""
+
+    transport: str  # "host" | "cuda_ipc"
+    num_parts: int  # keys under policy/v{N}/rank{r}/
+    blocks: list[Block]
 
 
 class AsyncController(Controller):
@@ -106,12 +137,20 @@ async def _client():
     return await ts.client(STORE_NAME)
 
 
-async def start_store(volume_procs) -> None:
-    """Controller side: one storage volume on each proc of `volume_procs` (e.g. the trainer's)."""
+async def start_store(volume_procs, transport: str = "host") -> None:
+    """Controller side: one storage volume on each proc of `volume_procs` (e.g. the trainer's);
+    `transport` (see the module docstring; `transport_for` picks it from the mesh) for every push."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"weight sync transport {transport!r}: must be one of {list(TRANSPORTS)}")
     await _store_controller()
     num_volumes = len(volume_procs)
     strategy = SingletonStrategy() if num_volumes == 1 else MeshRankStrategy()
     await ts.initialize(num_storage_volumes=num_volumes, strategy=strategy, store_name=STORE_NAME, mesh=volume_procs)
+    await (await _client()).put(TRANSPORT_KEY, transport)
+
+
+async def _transport(client) -> str:
+    return await client.get(TRANSPORT_KEY) if await client.exists(TRANSPORT_KEY) else "host"
 
 
 async def stop_store(timeout_s: float = 60.0) -> None:
@@ -122,31 +161,48 @@ async def stop_store(timeout_s: float = 60.0) -> None:
         raise RuntimeError(f"torchstore did not shut down within {timeout_s:.0f} s (are the volume procs gone?)") from None
 
 
+# Trainer side: the CUDA buffers whose handles are in the store, by version (they must outlive
+# every reader; dropped with their version's keys).
+_exported: dict[int, torch.Tensor] = {}
+
+
 async def push_state_dict(state_dict: dict[str, torch.Tensor], version: int) -> None:
     """Trainer side, collective over the trainer world: store `state_dict` as `version`.
 
-    DTensors: every rank puts its own shard (any placements). Plain tensors: rank 0 puts.
-    Tensors go to the store on CPU. Returns once `version` is complete and older ones are gone.
+    DTensors: every rank publishes its own shard (any Shard/Replicate placements). Plain
+    tensors: rank 0 does. Returns once `version` is complete and older ones are gone.
     """
-    if MANIFEST in state_dict:
-        raise ValueError(f"parameter name {MANIFEST!r} is reserved by weight_sync; rename it")
     client = await _client()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    for name, tensor in state_dict.items():
-        if isinstance(tensor, DTensor) or rank == 0:
-            # DTensor.to keeps the spec and moves only the local shard (as FSDP's CPU offload does).
-            await client.put(param_key(version, name), tensor.detach().to("cpu"))
-    if world_size > 1:
-        dist.barrier()  # every rank's shards are in before the version is announced
+    transport = await _transport(client)
+    flat, blocks = weight_pack.pack(state_dict, rank)
+    if transport == "cuda_ipc" and flat.is_cuda:
+        _exported[version] = flat
+        await client.put(part_key(version, rank, 0), weight_pack.export_cuda(flat))
+        layout = RankLayout("cuda_ipc", 1, blocks)
+    else:
+        flat = flat.cpu()
+        # A part travels pickled, and a pickled view carries its whole storage: copy each out.
+        parts = [flat] if flat.numel() <= MAX_PART_BYTES else [p.clone() for p in flat.split(MAX_PART_BYTES)]
+        parts = parts if flat.numel() else []
+        await asyncio.gather(*(client.put(part_key(version, rank, i), p) for i, p in enumerate(parts)))
+        layout = RankLayout("host", len(parts), blocks)
+    for old in [v for v in _exported if v < version - 1]:
+        del _exported[old]
+    layouts = [layout]
+    if world_size > 1:  # also the barrier: every rank's buffer is in before the version is announced
+        layouts = [None] * world_size
+        dist.all_gather_object(layouts, layout)
     if rank != 0:
         return
-    manifest = {name: (tuple(t.shape), t.dtype) for name, t in state_dict.items()}
+    manifest = {
+        "names": {name: (tuple(t.shape), t.dtype) for name, t in state_dict.items()},
+        "ranks": layouts,
+    }
     await client.put(manifest_key(version), manifest)
     await client.put(LATEST_KEY, version)
-    for key in await _policy_keys(client):
-        match = _VERSION_RE.match(key)
-        if match and int(match.group(1)) < version - 1:
-            await client.delete(key)
+    stale = [k for k in await _policy_keys(client) if (m := _VERSION_RE.match(k)) and int(m.group(1)) < version - 1]
+    await asyncio.gather(*(client.delete(k) for k in stale))
 
 
 async def pull_state_dict(
@@ -155,34 +211,66 @@ async def pull_state_dict(
     """Generator side: fetch `version` into the caller's own layout.
 
     `like` gives, per HF name, the tensor to match: a plain tensor gets the full tensor, a
-    DTensor gets exactly its local shard (torchstore reshards from the trainer's placements).
+    DTensor gets exactly its local shard (the trainer's blocks are intersected with it).
     Device and dtype follow `like` (a dtype cast is copy_'s round-to-nearest-even). With
     inplace=True the tensors of `like` are overwritten and returned; otherwise new ones are.
     """
     client = await _client()
     manifest = await _manifest(client, version)
-    missing, extra = sorted(set(manifest) - set(like)), sorted(set(like) - set(manifest))
+    names = manifest["names"]
+    missing, extra = sorted(set(names) - set(like)), sorted(set(like) - set(names))
     if missing or extra:
         raise ValueError(
             f"policy version {version}: names differ from the receiver's; "
             f"in store only: {missing[:5]}, in receiver only: {extra[:5]}"
         )
-    out = {}
+    out, dests = {}, {}
     for name, target in like.items():
-        shape, _ = manifest[name]
+        shape, _ = names[name]
         if tuple(target.shape) != shape:
             raise ValueError(f"policy version {version}: {name} has shape {shape} in the store but {tuple(target.shape)} here")
-        dest = target if inplace else torch.empty_like(target)
-        # Writes go through detached views: same storage, and legal for Parameters that require grad.
-        if isinstance(dest, DTensor):
-            # Fetch just this rank's slice into the local shard; works whether the trainer
-            # stored a DTensor (resharded) or one plain tensor (sliced).
-            spec = Request.from_dtensor(dest).tensor_slice
-            await client.get(param_key(version, name), inplace_tensor=dest.to_local().detach(), tensor_slice_spec=spec)
-        else:
-            await client.get(param_key(version, name), inplace_tensor=dest.detach())
-        out[name] = dest
+        out[name] = target if inplace else torch.empty_like(target)
+        dests[name] = weight_pack.destination(out[name])
+    devices = {dest.device for dest, _ in dests.values()}
+    device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+    num_copied: dict[str, int] = {}
+    wanted = [(rank, layout) for rank, layout in enumerate(manifest["ranks"]) if _overlaps(layout.blocks, dests)]
+    for rank, layout in wanted:
+        flat = await _fetch(client, version, rank, layout, device)
+        weight_pack.copy_blocks(flat, layout.blocks, dests, num_copied)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the copies are done before a CUDA IPC mapping is released
+        del flat
+    for name, (dest, _) in dests.items():
+        if num_copied.get(name, 0) != dest.numel():
+            raise RuntimeError(
+                f"policy version {version}: {name} received {num_copied.get(name, 0)} of its {dest.numel()} "
+                "elements; the trainer's shards do not cover it"
+            )
     return out
+
+
+def _overlaps(blocks: list[Block], dests: dict) -> bool:
+    return any(b.name in dests for b in blocks)
+
+
+async def _fetch(client, version: int, rank: int, layout: RankLayout, device: torch.device) -> torch.Tensor:
+    """Rank `rank`'s flat buffer, readable from `device`."""
+    if layout.transport == "cuda_ipc":
+        handle: CudaBuffer = await client.get(part_key(version, rank, 0))
+        if device.type == "cuda":
+            return weight_pack.open_cuda(handle, device)
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"policy version {version}: the trainer shared its weights on the GPU (transport cuda_ipc) "
+                "but this receiver has no GPU; start the store with transport='host'"
+            )
+        # Receivers in host memory (e.g. vLLM's stock loader's buffers): one device-to-host copy.
+        return weight_pack.open_cuda(handle, torch.device("cuda", torch.cuda.current_device())).cpu()
+    parts = await asyncio.gather(*(client.get(part_key(version, rank, i)) for i in range(layout.num_parts)))
+    flat = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else torch.empty(0, dtype=torch.uint8))
+    return flat.to(device)  # one host-to-device copy of the whole buffer on a GPU receiver
 
 
 async def latest_version() -> int | None:
@@ -201,8 +289,7 @@ async def stored_versions() -> list[int]:
 
 
 async def _policy_keys(client) -> list[str]:
-    # torchstore's prefix filter matches whole "."-separated parts, and HF names contain
-    # dots, so filter here.
+    # torchstore's prefix filter matches whole "."-separated parts; filter on the plain prefix here.
     return [k for k in await client.keys() if k.startswith(POLICY_PREFIX)]
 
 

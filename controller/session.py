@@ -224,7 +224,8 @@ class Session:
 
         self._meshes = meshes = Meshes(self.mesh_config)
         trainer = await meshes.spawn_role("trainer", TrainerActor, model_cfg, cfg.trainer, meshes.layout("trainer"))
-        await weight_sync.start_store(await meshes.procs("trainer"))
+        transport = weight_sync.transport_for(self.mesh_config.device, self.mesh_config.hosts)
+        await weight_sync.start_store(await meshes.procs("trainer"), transport=transport)
         generator = await meshes.spawn_role(
             "generator", GeneratorActor, model_cfg, cfg.generator, meshes.layout("generator")
         )

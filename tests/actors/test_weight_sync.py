@@ -48,6 +48,10 @@ class Trainer(Proc):
         self.layout = layout
 
     @endpoint
+    async def set_max_part_bytes(self, num_bytes: int) -> None:
+        weight_sync.MAX_PART_BYTES = num_bytes
+
+    @endpoint
     async def init(self) -> None:
         init_distributed(self.layout)
 
@@ -92,6 +96,10 @@ class Generator(Proc):
     @endpoint
     async def pull_named(self, version: int, names: list[str]) -> None:
         await weight_sync.pull_state_dict(version, {n: torch.zeros(SHAPES.get(n, (1,))) for n in names})
+
+    @endpoint
+    async def keys(self) -> list[str]:
+        return await weight_sync._policy_keys(await weight_sync._client())
 
     @endpoint
     async def latest(self) -> tuple[int | None, list[int]]:
@@ -186,3 +194,22 @@ def test_name_or_shape_mismatch_is_a_clear_error(meshes):
     names = list(SHAPES)
     with pytest.raises(Exception, match=r"policy version 7: names differ from the receiver's; in store only: \['model.norm.weight'\], in receiver only: \['lm_head.weight'\]"):
         meshes["gen1"].pull_named.call(7, names[:-1] + ["lm_head.weight"]).get()
+
+
+def test_one_key_per_trainer_rank_not_per_parameter(meshes):
+    meshes["trainer"].push.call(8).get()
+    keys = sorted(k for k in _values(meshes["gen1"].keys.call().get())[0] if k.startswith("policy/v8/"))
+    assert keys == ["policy/v8/manifest", "policy/v8/rank0/part0", "policy/v8/rank1/part0"]
+
+
+def test_a_buffer_over_the_part_size_travels_in_parts(meshes):
+    meshes["trainer"].set_max_part_bytes.call(64).get()  # each rank's buffer is a few hundred bytes
+    try:
+        meshes["trainer"].push.call(9).get()
+    finally:
+        meshes["trainer"].set_max_part_bytes.call(256 << 20).get()
+    keys = [k for k in _values(meshes["gen1"].keys.call().get())[0] if k.startswith("policy/v9/rank0/")]
+    assert len(keys) > 2
+    (full,) = _values(meshes["gen1"].pull.call(9).get())
+    for name, t in full_weights(9).items():
+        assert torch.equal(full[name], t), name
