@@ -1,33 +1,34 @@
 """The whole RL step, lockstep against the same loop on stock kernels, through `Session` on a mesh.
 
-    python benchmarks/rl_step.py --mesh h200x2 --shape 0.6B 1.7B     # -> benchmarks/results/rl_step-h200.json
-    python benchmarks/rl_step.py --smoke --out /tmp/rl_step.json     # local-cpu, tiny model: checks the script
+    python benchmarks/rl_step.py --mesh h200x2 --shape 0.6B     # -> benchmarks/results/rl_step-h200.json
+    python benchmarks/rl_step.py --mesh h200x1 --shape 1.7B     # merged into the same file
+    python benchmarks/rl_step.py --smoke --out /tmp/rl_step.json  # local-cpu, tiny model: checks the script
 
-For each shape, two runs of `--steps` real steps each, same checkpoint, prompts, seeds and
-sampling (generator, trainer and data seeds are fixed):
+Per (mesh, shape), two runs of `--steps` real steps each, with the same checkpoint, prompts,
+seeds and sampling (the generator, trainer and data seeds are fixed):
 
   lockstep  model.impl=lockstep loop.barrier=strict   (our model and kernels, bitwise barrier)
   stock     model.impl=stock    loop.barrier=measure  (vLLM's and TorchTitan's own Qwen3)
 
-It prints the median step time and each phase (generate, reward, train, sync; `score` too when
-the loop has that phase) over the steps after `--warmup`, with lockstep / stock ratios, and
-writes the per-step metrics and the table as JSON. Completions are sampled from random weights
-over a 151,936-token vocabulary, so they rarely hit EOS and run close to `--max-tokens`.
+Each run is a fresh process with its own meshes. The table gives the median of each phase
+(generate, reward, train, sync, and the whole step) over the steps after `--warmup`, for both
+runs, with lockstep / stock ratios. The JSON keeps the per-step metrics, and runs of other
+meshes and shapes already in the file stay. Completions are sampled from random weights over
+a 151,936-token vocabulary, so they rarely hit EOS and run close to `--max-tokens` (256).
 
-The checkpoint (Qwen3 dims, random weights, a character tokenizer padded to the vocab) is
-written locally by benchmarks/models.py's `write_checkpoint`. Each run is a fresh process
-(its own meshes), as benchmarks/models.py does per part.
+The checkpoints (Qwen3 shapes, random weights, ascii tokenizer padded to the vocab) are written
+locally, no hub (`lockstep.models.tiny.write_random_checkpoint`).
 """
 
 import os
 import sys
 
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    # Run as a script: drop benchmarks/ from sys.path (its kernels.py must not shadow anything).
-    sys.path.pop(0)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path.pop(0)  # benchmarks/ goes last (its kernels.py must not shadow a package)
+sys.path.append(_HERE)
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -35,15 +36,17 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+from lockstep_bench import environment, gpu_slug, run_part, spawn  # noqa: E402
+
+HERE = Path(_HERE)
 IMPLS = ("lockstep", "stock")
 BARRIER = {"lockstep": "strict", "stock": "measure"}
 PHASES = ("generate", "reward", "score", "train", "sync", "step")
-# Qwen3-1.7B's dims (the 0.6B and smoke ones come from benchmarks/models.py); `cpu-medium`
-# is ~40M parameters: big enough on 2 CPU cores that weight bytes, not calls, dominate a sync.
-EXTRA_SHAPES = {
-    "1.7B": dict(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                 intermediate_size=6144, vocab_size=151936),
+# Qwen3 shapes come from lockstep.models.tiny.QWEN3_SHAPES; `cpu-medium` (~40M parameters) is
+# big enough on 2 CPU cores that weight bytes, not calls, dominate a sync.
+CPU_SHAPES = {
+    "smoke": dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128,
+                  vocab_size=512),
     "cpu-medium": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64,
                        intermediate_size=1536, vocab_size=32000),
 }
@@ -55,16 +58,14 @@ WORKLOADS = {
 MAX_PROMPT_TOKENS = 64  # max_model_len = this + max_tokens
 
 
-def bench_models():
-    """benchmarks/models.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("lockstep_bench_models", HERE / "models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def shapes() -> dict:
-    return {**bench_models().SHAPES, **EXTRA_SHAPES}
+    from lockstep.models.tiny import QWEN3_SHAPES
+
+    return {**QWEN3_SHAPES, **CPU_SHAPES}
+
+
+def make_prompts(num_prompts: int) -> list[str]:
+    return [f"Q{i}: continue {i * 7919 % 1000} {i * 104729 % 997} ->" for i in range(num_prompts)]
 
 
 def digit_fraction(prompt: str, completion: str, **fields) -> float:
@@ -109,24 +110,13 @@ def run_one(args) -> dict:
 # --- the driver ---------------------------------------------------------------------------
 
 
-def spawn(args, shape: str, impl: str, ckpt: Path, prompts: Path, timeout_s: float) -> dict:
+def run_in_process(args, shape: str, impl: str, ckpt: Path, prompts: Path, timeout_s: float) -> dict:
+    print(f"\n=== {shape} {impl} (loop.barrier={BARRIER[impl]}) on {args.mesh} ===", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result_path = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--only", impl, "--ckpt", str(ckpt),
-               "--prompts", str(prompts), "--log-dir", str(Path(tmp) / "run"), "--result", str(result_path),
-               "--mesh", args.mesh, "--shape", shape, "--dtype", args.dtype, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)] + (["--smoke"] if args.smoke else [])
-        print(f"\n=== {shape} {impl} (loop.barrier={BARRIER[impl]}) on {args.mesh} ===", flush=True)
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout_s:.0f} s"}
-        result = json.loads(result_path.read_text()) if result_path.is_file() else {}
-        if proc.returncode != 0 and "error" not in result:
-            result["error"] = f"exit code {proc.returncode}"
-        result["wall_s"] = time.perf_counter() - start
-        return result
+        argv = ["--only", impl, "--ckpt", str(ckpt), "--prompts", str(prompts), "--log-dir", str(Path(tmp) / "run"),
+                "--mesh", args.mesh, "--shape", shape, "--dtype", args.dtype, "--steps", str(args.steps),
+                "--warmup", str(args.warmup), "--max-tokens", str(args.work["max_tokens"])]
+        return spawn(__file__, argv + (["--smoke"] if args.smoke else []), timeout_s)
 
 
 def table(report: dict) -> str:
@@ -164,33 +154,31 @@ def gpu_name() -> str:
     """"h200", "h100", ... from nvidia-smi: this process stays off the GPU (the runs need it)."""
     try:
         names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=60).stdout.lower().split()
+                               capture_output=True, text=True, timeout=60).stdout.splitlines()
     except (OSError, subprocess.TimeoutExpired):
-        return "cpu"
-    for known in ("h200", "h100", "b200", "a100"):
-        if known in names:
-            return known
-    return names[-1] if names else "cpu"
+        names = []
+    return gpu_slug(names[0]) if names else "cpu"
 
 
 def drive(args) -> dict:
     """Run every (shape, impl); results go into args.out, merged with the runs of other meshes
     and shapes already there (so each GPU run can be its own command)."""
-    models = bench_models()
+    from lockstep.models.tiny import write_random_checkpoint
+
     start = time.perf_counter()
     workdir = Path(args.ckpt_dir or Path(tempfile.gettempdir()) / "lockstep-rl-step")
     prompts = workdir / "prompts.jsonl"
     workdir.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in models.make_prompts(256)))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in make_prompts(256)))
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {}
     report.setdefault("runs", {})
-    report["environment"] = models.environment("cpu" if args.smoke else "cuda", gpu_name=False)
+    report["environment"] = environment("cpu" if args.smoke else "cuda", gpu_name=False)
     device = "cpu" if args.smoke else gpu_name()
     for shape in args.shape:
         ckpt = workdir / f"{shape}-{args.dtype}"
         print(f"writing the {shape} checkpoint to {ckpt} ...", flush=True)
-        models.write_checkpoint(ckpt, shapes()[shape], args.dtype)
+        write_random_checkpoint(ckpt, shapes()[shape], args.dtype)
         entry = dict(mesh=args.mesh, shape=shape, dims=shapes()[shape], device=device, dtype=args.dtype,
                      steps=args.steps, warmup=args.warmup, workload=args.work,
                      date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -201,7 +189,7 @@ def drive(args) -> dict:
             if left < 30:
                 entry["impls"][impl] = {"error": "skipped: out of --time-budget"}
                 continue
-            entry["impls"][impl] = spawn(args, shape, impl, ckpt, prompts, left)
+            entry["impls"][impl] = run_in_process(args, shape, impl, ckpt, prompts, left)
             out.write_text(json.dumps(report, indent=2) + "\n")  # a run cut short keeps the rest
     return report
 
@@ -241,15 +229,7 @@ def main(argv=None) -> int:
         p.error(f"--shape {unknown[0]}: choose from {sorted(shapes())}")
 
     if args.only:
-        try:
-            result = run_one(args)
-        except BaseException as e:
-            Path(args.result).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
-            raise
-        Path(args.result).write_text(json.dumps(result))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # skip engine / thread teardown at exit: the result is written
+        run_part(lambda: run_one(args), args.result)  # exits
 
     if args.smoke and not args.out:
         p.error("--smoke writes nowhere by default: pass --out PATH")
