@@ -33,6 +33,7 @@ After pushing N, versions older than N-1 are deleted (N-1 stays for a generator 
 """
 
 import asyncio
+import math
 import re
 from dataclasses import dataclass
 
@@ -299,3 +300,119 @@ async def _manifest(client, version: int) -> dict:
         latest = await latest_version()
         raise RuntimeError(f"policy version {version} is not in the store (latest complete version: {latest}); push it first")
     return await client.get(key)
+
+
+# --- fingerprints ------------------------------------------------------------------------
+#
+# A fingerprint is a checksum of each logical tensor's bits that comes out the same for any
+# layout (full, FSDP Shard(0), TP Shard(1), uneven shards): word i of the flattened logical
+# tensor contributes bits_i * A * (i + 1) mod M, and the contributions of the pieces add up.
+# Trainer and generators compare them after each sync, so a transfer that left a stale or
+# corrupt weight is caught before sampling, named by parameter. The sum is linear in the
+# index, so it is computed from exact per-axis sums of the bits (a few cheap passes).
+
+FINGERPRINT_MODULUS = 2**31 - 1  # a prime; a weight A*(i+1) is 0 mod M only at i = M-1
+_INDEX_MUL = 1_103_515_245
+_CHUNK_ELEMENTS = 1 << 18  # words per pass: one reused int64 buffer that stays in cache
+_WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+@dataclass(frozen=True)
+class WeightFingerprint:
+    """`tensors`: HF name -> (shape, dtype, checksum) of the logical (full) tensor."""
+
+    version: int
+    tensors: dict[str, tuple[tuple[int, ...], str, int]]
+
+    def first_difference(self, other: "WeightFingerprint") -> str | None:
+        """None if equal, else a short phrase naming the first differing parameter (our order)."""
+        if self.version != other.version:
+            return f"policy version v{other.version} instead of v{self.version}"
+        for name, (shape, dtype, checksum) in self.tensors.items():
+            if name not in other.tensors:
+                return f"{name} is missing"
+            o_shape, o_dtype, o_checksum = other.tensors[name]
+            if (shape, dtype) != (o_shape, o_dtype):
+                return f"{name} is {o_dtype}{list(o_shape)}, not {dtype}{list(shape)}"
+            if checksum != o_checksum:
+                return f"{name} differs (checksum {o_checksum:#010x}, expected {checksum:#010x})"
+        extra = sorted(set(other.tensors) - set(self.tensors))
+        return f"{extra[0]} is unexpected" if extra else None
+
+
+def _block_checksum(local: torch.Tensor, global_shape: tuple[int, ...], offset: tuple[int, ...]) -> int:
+    """sum_i bits_i * A * (i + 1) mod M over the words of one block at `offset` in a tensor of
+    `global_shape` (i: the word's index in the flattened logical tensor). Elements wider
+    than 32 bits count as several words."""
+    words_per_element = max(1, local.element_size() // 4)
+    if math.prod(global_shape) * words_per_element >= FINGERPRINT_MODULUS:
+        raise ValueError(f"fingerprint: a tensor of {math.prod(global_shape)} elements is too large (limit 2**31 words)")
+    local = local.detach().contiguous()
+    if words_per_element > 1:  # e.g. float64: two 32-bit words per element, one more axis
+        local = local.view(torch.int32).reshape(*local.shape, words_per_element)
+        global_shape, offset = (*global_shape, words_per_element), (*offset, 0)
+    if local.ndim == 0:
+        local, global_shape, offset = local.reshape(1), (1,), (0,)
+    words = local.view(_WORD_DTYPES[local.element_size()])
+    word_mask = (1 << (8 * local.element_size())) - 1
+    strides = [math.prod(global_shape[d + 1:]) for d in range(len(global_shape))]
+    row_numel = max(1, words[0].numel())
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // row_numel)
+    buffer = torch.empty(min(rows_per_chunk, words.shape[0]) * row_numel, dtype=torch.int64, device=words.device)
+    # sum_i bits_i * (i + 1) = sum(bits) + sum_d stride_d * sum_k coordinate_k * (bits summed
+    # over the other axes). Every term is reduced mod M before it can leave int64; it stays on
+    # the device until the end (one sync per tensor).
+    m = FINGERPRINT_MODULUS
+    total = torch.zeros((), dtype=torch.int64, device=words.device)
+    for row0 in range(0, words.shape[0], rows_per_chunk):
+        chunk = words[row0:row0 + rows_per_chunk]
+        bits = buffer[:chunk.numel()].view(chunk.shape)
+        bits.copy_(chunk).bitwise_and_(word_mask)  # unsigned, < 2**32
+        for d in range(bits.ndim):
+            others = [e for e in range(bits.ndim) if e != d]
+            per_coordinate = (bits.sum(dim=others) if others else bits) % m  # exact sums of < 2**31 words
+            start = offset[d] + (row0 if d == 0 else 0)
+            coordinates = torch.arange(start, start + bits.shape[d], dtype=torch.int64, device=bits.device)
+            term = (per_coordinate * coordinates % m).sum() % m  # products < 2**31 * 2**32
+            total = (total + term * (strides[d] % m)) % m
+            if d == 0:
+                total = (total + per_coordinate.sum()) % m
+    return _INDEX_MUL * int(total) % m
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor], version: int) -> WeightFingerprint:
+    """Fingerprint of the logical weights, the same whatever their layout.
+
+    Plain tensors are taken as full. DTensors contribute their local shard (replicas only
+    once) and are summed over their mesh: a collective, so every rank of that mesh must call.
+    """
+    partials, meshes = [], set()
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, DTensor):
+            from torch.distributed.tensor import Partial, Replicate
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            mesh, placements = tensor.device_mesh, tensor.placements
+            if any(isinstance(p, Partial) for p in placements):
+                raise ValueError(f"fingerprint: {name} holds partial sums (a Partial placement); reduce it first")
+            meshes.add(mesh)
+            coordinate = mesh.get_coordinate()
+            duplicate = any(isinstance(p, Replicate) and coordinate[d] != 0 for d, p in enumerate(placements))
+            _, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, placements)
+            local = tensor.to_local()
+            partials.append(0 if duplicate or local.numel() == 0 else _block_checksum(local, tuple(tensor.shape), offset))
+        else:
+            partials.append(_block_checksum(tensor, tuple(tensor.shape), (0,) * tensor.ndim))
+    if len(meshes) > 1:
+        raise ValueError("fingerprint: the DTensors live on different device meshes; fingerprint each mesh's apart")
+    if meshes:
+        (mesh,) = meshes
+        sums = torch.tensor(partials, dtype=torch.int64, device=mesh.device_type)
+        for dim in range(mesh.ndim):  # summing along each mesh dim in turn sums over every rank
+            dist.all_reduce(sums, group=mesh.get_group(dim))
+        partials = [int(s) % FINGERPRINT_MODULUS for s in sums.cpu()]
+    tensors = {
+        name: (tuple(t.shape), str(t.dtype).removeprefix("torch."), checksum)
+        for (name, t), checksum in zip(state_dict.items(), partials)
+    }
+    return WeightFingerprint(version=version, tensors=tensors)

@@ -43,6 +43,12 @@ class Proc(Actor):
         return os.getpid()
 
 
+def _sharded(mesh, version: int) -> dict:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    return {n: distribute_tensor(t, mesh, [Shard(0), Replicate()]) for n, t in full_weights(version).items()}
+
+
 class Trainer(Proc):
     def __init__(self, layout: Layout):
         self.layout = layout
@@ -54,6 +60,11 @@ class Trainer(Proc):
     @endpoint
     async def init(self) -> None:
         init_distributed(self.layout)
+
+    @endpoint
+    async def fingerprint(self, version: int):
+        """Of FSDP-style Shard(0) shards (odd first dims: uneven), replicated over tp."""
+        return weight_sync.fingerprint(_sharded(init_distributed(self.layout), version), version)
 
     @endpoint
     async def push(self, version: int) -> None:
@@ -86,6 +97,17 @@ class Generator(Proc):
         if inplace:
             assert all(got[n] is like[n] for n in like), "inplace pull must return the receiver's own tensors"
         return {n: (t.to_local() if hasattr(t, "to_local") else t).detach() for n, t in got.items()}
+
+    @endpoint
+    async def fingerprint(self, version: int):
+        """Of the pulled weights in this generator's own layout (full, or TP Shard(1))."""
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_distributed(self.layout)
+        like = {n: torch.zeros(s) for n, s in SHAPES.items()}
+        if self.layout.size("tp") > 1:
+            like = {n: distribute_tensor(t, mesh["tp"], [Shard(1) if t.ndim == 2 else Replicate()]) for n, t in like.items()}
+        return weight_sync.fingerprint(await weight_sync.pull_state_dict(version, like), version)
 
     @endpoint
     async def push_plain(self, version: int) -> None:
@@ -213,3 +235,54 @@ def test_a_buffer_over_the_part_size_travels_in_parts(meshes):
     (full,) = _values(meshes["gen1"].pull.call(9).get())
     for name, t in full_weights(9).items():
         assert torch.equal(full[name], t), name
+
+
+def test_fingerprints_do_not_depend_on_the_layout(meshes):
+    """Trainer FSDP shards (uneven rows, replicated over tp), a full generator and a TP
+    generator (column shards) report one fingerprint, the plain full tensors' one."""
+    meshes["trainer"].push.call(11).get()
+    expected = weight_sync.fingerprint(full_weights(11), 11)
+    reports = [fp for name in ("trainer", "gen1", "gen2") for fp in _values(meshes[name].fingerprint.call(11).get())]
+    assert len(reports) == 5 and all(fp == expected for fp in reports)
+
+
+# --- fingerprints, in one process ------------------------------------------------------------
+
+
+def _reference_checksum(t: torch.Tensor) -> int:
+    """The definition, element by element: sum_i bits_i * A * (i + 1) mod M over 32-bit words."""
+    m = weight_sync.FINGERPRINT_MODULUS
+    words = t.contiguous().view(torch.int32) if t.element_size() >= 4 else t.contiguous().view(torch.int16)
+    mask = (1 << (8 * words.element_size())) - 1
+    return sum((b & mask) * (weight_sync._INDEX_MUL * (i + 1) % m) for i, b in enumerate(words.flatten().tolist())) % m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fingerprint_is_the_sum_of_its_shards(dtype):
+    t = torch.randn(9, 700, generator=torch.Generator().manual_seed(0)).to(dtype)  # > one chunk of words
+    (_, _, full), = weight_sync.fingerprint({"w": t}, 0).tensors.values()
+    assert full == _reference_checksum(t)
+    m, block = weight_sync.FINGERPRINT_MODULUS, weight_sync._block_checksum
+    rows = (block(t[:5], (9, 700), (0, 0)) + block(t[5:], (9, 700), (5, 0))) % m  # FSDP, uneven
+    cols = sum(block(t[:, a:b], (9, 700), (0, a)) for a, b in [(0, 350), (350, 700)]) % m  # TP
+    grid = sum(block(t[r0:r1, c0:c1], (9, 700), (r0, c0)) for r0, r1 in [(0, 4), (4, 9)] for c0, c1 in [(0, 7), (7, 700)]) % m
+    assert full == rows == cols == grid
+
+
+def test_fingerprint_names_the_first_differing_weight():
+    weights = full_weights(0)
+    expected = weight_sync.fingerprint(weights, 3)
+    nudged = {n: t.clone() for n, t in weights.items()}
+    x = nudged["model.layers.0.mlp.down_proj.weight"]
+    x[4, 7] = torch.nextafter(x[4, 7], torch.tensor(float("inf")))  # one ulp of one element
+    assert expected.first_difference(weight_sync.fingerprint(weights, 3)) is None
+    assert expected.first_difference(weight_sync.fingerprint(nudged, 3)).startswith(
+        "model.layers.0.mlp.down_proj.weight differs (checksum 0x")
+    swapped = {n: t.clone() for n, t in weights.items()}
+    swapped["model.embed_tokens.weight"][[0, 1]] = swapped["model.embed_tokens.weight"][[1, 0]]  # rows moved
+    assert expected.first_difference(weight_sync.fingerprint(swapped, 3)).startswith("model.embed_tokens.weight differs")
+    assert expected.first_difference(weight_sync.fingerprint(weights, 4)) == "policy version v4 instead of v3"
+    half = {n: t.to(torch.bfloat16) if n == "model.norm.weight" else t for n, t in weights.items()}
+    assert expected.first_difference(weight_sync.fingerprint(half, 3)) == "model.norm.weight is bfloat16[6], not float32[6]"
+    fewer = dict(list(weights.items())[:-1])
+    assert expected.first_difference(weight_sync.fingerprint(fewer, 3)) == "model.norm.weight is missing"
