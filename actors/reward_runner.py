@@ -148,7 +148,8 @@ def pack_one(fn: RewardFn | str | bytes) -> str | bytes:
     if not callable(fn):
         return fn
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    by_value = module is not None and not module.__name__.startswith(("lockstep.", "__main__"))
+    by_value = (module is not None and not module.__name__.startswith(("lockstep.", "__main__"))
+                and module.__name__ not in cloudpickle.list_registry_pickle_by_value())  # else: leave it registered
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
