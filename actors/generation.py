@@ -167,6 +167,21 @@ class Generator:
             for _ in range(abs(ulps)):
                 param.copy_(torch.nextafter(param, toward))
 
+    def sampling_state(self) -> dict:
+        """What the next request seeds derive from (checkpointed, so a resumed run samples on)."""
+        return {"num_calls": self.num_calls}
+
+    def set_sampling_state(self, state: dict) -> None:
+        self.num_calls = int(state["num_calls"])
+
+    def fingerprint(self):
+        """Layout-independent fingerprint of the weights vLLM runs (actors/weight_sync.py)."""
+        from lockstep.actors.weight_sync import fingerprint
+
+        if self.model_cfg.impl != "lockstep":
+            raise ValueError("weight fingerprints read lockstep's Qwen3 by HF name; they need model.impl=lockstep")
+        return fingerprint(self.weight_buffers(), self.version)
+
     def _check_version(self, expected_version: int) -> None:
         if expected_version != self.version:
             raise RuntimeError(

@@ -78,3 +78,19 @@ class GeneratorActor(Actor):
     async def version(self) -> int:
         async with self._lock:
             return (await self._engine()).version
+
+    @endpoint
+    async def sampling_state(self) -> dict:
+        async with self._lock:
+            return (await self._engine()).sampling_state()
+
+    @endpoint
+    async def set_sampling_state(self, state: dict) -> None:
+        async with self._lock:
+            (await self._engine()).set_sampling_state(state)
+
+    @endpoint
+    async def fingerprint(self):
+        async with self._lock:
+            generator = await self._engine()
+            return await self._run(generator.fingerprint)

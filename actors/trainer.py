@@ -54,6 +54,14 @@ class TrainerActor(Actor):
         self.trainer.load(path)
 
     @endpoint
+    async def export_hf(self, path: str) -> None:
+        self.trainer.export_hf(path)
+
+    @endpoint
+    async def fingerprint(self):
+        return self.trainer.fingerprint()
+
+    @endpoint
     async def audit(self, sample: Sample, temperature: float, expected_version: int) -> CapturedRun | None:
         run = self.trainer.audit(sample, temperature, expected_version)
         return run if self.trainer.dp_rank == 0 else None  # rank 0 answers; the others only join FSDP

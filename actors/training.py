@@ -91,15 +91,25 @@ class _PendingStep:
 
 
 class _TrainState(Stateful):
+    """Step, version and the RNG. Every rank seeds and draws alike, so rank 0's RNG (the one
+    DCP keeps of a replicated tensor) restores them all."""
+
     def __init__(self, trainer: "Trainer"):
         self.trainer = trainer
 
     def state_dict(self):
-        return {"step": torch.tensor(self.trainer.step), "version": torch.tensor(self.trainer.version)}
+        state = {"step": torch.tensor(self.trainer.step), "version": torch.tensor(self.trainer.version),
+                 "rng": torch.get_rng_state()}
+        if self.trainer.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.trainer.device)
+        return state
 
     def load_state_dict(self, state_dict):
         self.trainer.step = int(state_dict["step"])
         self.trainer.version = int(state_dict["version"])
+        torch.set_rng_state(state_dict["rng"])
+        if "cuda_rng" in state_dict:
+            torch.cuda.set_rng_state(state_dict["cuda_rng"], self.trainer.device)
 
 
 class Trainer:
@@ -343,25 +353,40 @@ class Trainer:
         }
 
     def save(self, path: str) -> None:
-        """DCP checkpoint of weights, optimizer, LR schedule, step and version.
+        """DCP checkpoint of weights, optimizer, LR schedule, step, version and RNG into `path`.
 
-        Written to `path.tmp` and swapped in only when complete, so `path` always holds a
-        whole checkpoint (the old one until the new one is done).
+        A directory there is replaced. Not atomic on its own: the controller writes whole
+        checkpoints into a staging directory and renames it into place
+        (lockstep.controller.checkpoint).
         """
         path = os.path.abspath(path)
-        tmp, old = path + ".tmp", path + ".old"
         if self.dp_rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
         self._barrier()
-        dcp.save(self._checkpoint_state(), checkpoint_id=tmp, **self._dcp_group())
+        dcp.save(self._checkpoint_state(), checkpoint_id=path, **self._dcp_group())
         self._barrier()
+
+    def export_hf(self, path: str) -> None:
+        """The weights as HF safetensors, `path/model.safetensors` (rank 0 writes; every rank
+        must call: FSDP shards are gathered one tensor at a time)."""
+        from safetensors.torch import save_file
+        from torch.distributed.tensor import DTensor
+
+        full = {}
+        for name, tensor in self.scorer.hf_state_dict().items():
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            if self.dp_rank == 0:
+                full[name] = tensor.detach().to("cpu", copy=True).contiguous()
         if self.dp_rank == 0:
-            shutil.rmtree(old, ignore_errors=True)
-            if os.path.exists(path):
-                os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            os.makedirs(path, exist_ok=True)
+            save_file(full, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         self._barrier()
+
+    def fingerprint(self):
+        """Layout-independent fingerprint of the weights (every rank must call: a collective)."""
+        from lockstep.actors.weight_sync import fingerprint
+
+        return fingerprint(self.scorer.hf_state_dict(), self.version)
 
     def load(self, path: str) -> None:
         path = os.path.abspath(path)

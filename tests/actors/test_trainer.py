@@ -193,11 +193,14 @@ def test_save_load_resumes_exactly(model_cfg, tmp_path):
     a.save(str(ckpt))  # overwriting a checkpoint replaces it whole
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     saved_logprobs = a.logprobs(samples, TEMPERATURE)
+    after_save = torch.rand(4)  # the RNG is part of the state
     a_metrics = step(a)
 
     b = Trainer(model_cfg, cfg)
+    torch.rand(7)  # b's RNG elsewhere
     b.load(str(ckpt))
     assert b.version == 1 and b.step == 1
+    assert torch.equal(torch.rand(4), after_save)
     assert all(torch.equal(x, y) for x, y in zip(saved_logprobs, b.logprobs(samples, TEMPERATURE)))
     # weights, Adam moments and the warmup position (lr) all came back: the next step matches,
     # metrics and resulting weights
@@ -206,6 +209,35 @@ def test_save_load_resumes_exactly(model_cfg, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.logprobs(samples, TEMPERATURE), b.logprobs(samples, TEMPERATURE)))
     with pytest.raises(ValueError, match="no trainer checkpoint"):
         b.load(str(tmp_path / "missing"))
+
+
+def test_hf_export_and_fingerprint_are_the_weights(model_cfg, tmp_path):
+    """export_hf writes the weights as a HF checkpoint that transformers loads; the
+    fingerprint is that of the same tensors."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lockstep.actors.weight_sync import fingerprint
+
+    trainer = Trainer(model_cfg, TrainerConfig(lr=1e-2))
+    samples = make_samples()
+    trainer.train_step(TrainBatch(samples=on_policy(trainer, samples, [0.0, 1.0] * 3), temperature=TEMPERATURE))
+    trainer.export_hf(str(tmp_path))
+    exported = load_file(tmp_path / "model.safetensors")
+    weights = {n: t.detach() for n, t in trainer.scorer.hf_state_dict().items()}
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[n], weights[n]) for n in weights)
+    assert trainer.fingerprint() == fingerprint(exported, 1)
+    assert trainer.fingerprint().version == 1
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(model_cfg.path, name), tmp_path / name)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    hf_weights = hf.state_dict()
+    assert all(torch.equal(hf_weights[n], t) for n, t in exported.items())
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"]  # so no lm_head is stored
 
 
 # --- FSDP over 2 gloo ranks ---------------------------------------------------------------
@@ -222,16 +254,20 @@ def _fsdp_worker(rank, world_size, port, model_cfg, samples, out_dir):
         trainer = Trainer(model_cfg, FSDP_CFG, "cpu", mesh)
         logprobs = trainer.logprobs(samples, TEMPERATURE)
         one = trainer.logprobs(samples[:1], TEMPERATURE)  # rank 1 has nothing to score
+        fp = trainer.fingerprint()  # of the FSDP shards, summed over the ranks
+        fingerprint = (fp.version, fp.tensors)  # plain data: torch.load(weights_only) reads it
         metrics = trainer.train_step(TrainBatch(samples=samples, temperature=TEMPERATURE))
         after = trainer.logprobs(samples, TEMPERATURE)
         trainer.save(os.path.join(out_dir, "ckpt"))
+        trainer.export_hf(os.path.join(out_dir, "hf"))  # gathers the shards; rank 0 writes
         tp_error = None
         try:
             Trainer(model_cfg, TrainerConfig(), "cpu",
                     init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp_shard", "tp")))
         except NotImplementedError as e:
             tp_error = str(e)
-        torch.save({"logprobs": logprobs, "one": one, "metrics": metrics, "after": after, "tp_error": tp_error},
+        torch.save({"logprobs": logprobs, "one": one, "metrics": metrics, "after": after, "tp_error": tp_error,
+                    "fingerprint": fingerprint},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -256,6 +292,7 @@ def test_fsdp_two_ranks_match_single_process(model_cfg, tmp_path):
     on_policy(single, samples)
     for s, advantage in zip(samples, [1.0, -1.0, 0.5, -0.5, 1.0]):
         s.advantage = advantage
+    single_fingerprint = single.fingerprint()
     single_metrics = single.train_step(TrainBatch(samples=samples, temperature=TEMPERATURE))
 
     mp.spawn(_fsdp_worker, args=(2, _free_port(), model_cfg, samples, str(tmp_path)), nprocs=2, join=True)
@@ -271,6 +308,7 @@ def test_fsdp_two_ranks_match_single_process(model_cfg, tmp_path):
         assert metrics["loss"] == pytest.approx(single_metrics["loss"], rel=1e-5, abs=1e-7)
         assert metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-4)
         assert "not supported yet" in result["tp_error"]
+        assert result["fingerprint"] == (single_fingerprint.version, single_fingerprint.tensors)  # other layout
     # the FSDP step moved the weights like the single-process one (summation order differs)
     single_after = single.logprobs(samples, TEMPERATURE)
     assert not torch.equal(single_after[0], expected[0])
@@ -281,6 +319,11 @@ def test_fsdp_two_ranks_match_single_process(model_cfg, tmp_path):
     resumed.load(str(tmp_path / "ckpt"))
     assert resumed.version == 1
     assert all(torch.equal(x, y) for x, y in zip(resumed.logprobs(samples, TEMPERATURE), results[0]["after"]))
+    # the HF export of the sharded weights is the full weights
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(torch.equal(exported[n], t) for n, t in resumed.scorer.hf_state_dict().items())
 
 
 # --- the Monarch actor ------------------------------------------------------------------------
