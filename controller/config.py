@@ -6,6 +6,7 @@ The embedded default (no --config) is the built-in arithmetic task on a tiny mod
 
 import dataclasses
 import datetime
+import math
 import os
 import types
 import typing
@@ -26,26 +27,62 @@ class ConfigError(ValueError):
 
 
 @dataclass(kw_only=True, slots=True)
+class TimeoutsConfig:
+    """Seconds each phase's actor calls may take before the run stops with a line naming the
+    role, rank and phase (0 = no limit). Generous: they catch hangs, not slowness."""
+
+    start: float = 1800.0  # spawn the procs, build the models, start vLLM
+    generate: float = 1800.0
+    reward: float = 600.0
+    score: float = 900.0  # trainer logprobs for the barrier
+    train: float = 1800.0
+    sync: float = 900.0  # push + pull of the weights, and their fingerprints
+    checkpoint: float = 1800.0  # save, load, HF export
+    audit: float = 1800.0
+    control: float = 300.0  # small calls: versions, sampling state, reward swaps
+    stop: float = 120.0  # shutting the meshes down
+
+    def __post_init__(self):
+        for name in PHASES:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"loop.timeouts.{name}={value!r}: must be a number of seconds >= 0 (0 = no limit)")
+
+    def seconds(self, phase: str) -> float | None:
+        """The limit of `phase`, None for none."""
+        return getattr(self, phase) or None
+
+
+PHASES = tuple(f.name for f in dataclasses.fields(TimeoutsConfig))
+
+
+@dataclass(kw_only=True, slots=True)
 class LoopConfig:
-    steps: int = 40
+    steps: int = 40  # the run's length; a resumed run does the steps left
     barrier: str = "strict"  # strict | measure | off (see controller/barrier.py)
     log_dir: str = ""  # empty: runs/<timestamp>
     checkpoint_dir: str = ""  # empty: <log_dir>/checkpoints
     save_every: int = 0  # steps between checkpoints; 0 = only when asked
+    keep_checkpoints: int = 3  # newest checkpoints kept in checkpoint_dir; 0 = all
+    max_restarts: int = 1  # respawns after a dead or hung actor (from the last checkpoint, if any)
+    check_weights: bool = True  # fingerprint trainer and generator weights before each step
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
 
     def __post_init__(self):
         if self.barrier not in POLICIES:
             raise ValueError(f"loop.barrier={self.barrier!r} is not one of {'|'.join(POLICIES)}")
-        if self.steps < 0 or self.save_every < 0:
-            raise ValueError("loop.steps and loop.save_every must be >= 0")
+        for name in ("steps", "save_every", "keep_checkpoints", "max_restarts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loop.{name}={getattr(self, name)} must be >= 0")
 
     def resolve_dirs(self) -> None:
-        """Fill the empty directories; called once per run, not at load (timestamps)."""
+        """Fill the empty directories, as absolute paths (a resumed run may start elsewhere);
+        called once per run, not at load (timestamps)."""
         if not self.log_dir:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
             self.log_dir = os.path.join("runs", stamp)
-        if not self.checkpoint_dir:
-            self.checkpoint_dir = os.path.join(self.log_dir, "checkpoints")
+        self.log_dir = os.path.abspath(self.log_dir)
+        self.checkpoint_dir = os.path.abspath(self.checkpoint_dir or os.path.join(self.log_dir, "checkpoints"))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,6 +99,14 @@ class RunConfig:
             raise ValueError(
                 "model.impl=stock does not give bitwise-equal logprobs, so loop.barrier=strict would halt "
                 "the first step; set loop.barrier=measure (or off)"
+            )
+        if self.generator.top_p < 1 and self.loop.barrier == "strict":
+            # vLLM's processed logprobs are then of the renormalized nucleus, which the trainer
+            # does not score (see docs/architecture.md, "top_p and the strict barrier").
+            raise ValueError(
+                f"generator.top_p={self.generator.top_p} samples from a truncated distribution the trainer does "
+                "not score, so loop.barrier=strict would halt the first step; set generator.top_p=1.0 "
+                "(or loop.barrier=measure)"
             )
 
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from lockstep.controller.config import ConfigError, LoopConfig, RunConfig, load_config, parse_overrides
@@ -13,6 +15,21 @@ def test_strict_barrier_on_the_stock_model_is_refused_at_load():
     with pytest.raises(ConfigError, match="model.impl=stock does not give bitwise-equal logprobs.*loop.barrier=measure"):
         load_config(None, ["model.impl=stock"])
     assert load_config(None, ["model.impl=stock", "loop.barrier=measure"]).loop.barrier == "measure"
+
+
+def test_top_p_under_the_strict_barrier_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"^generator.top_p=0.9 samples from a truncated distribution the trainer does "
+                                          r"not score, so loop.barrier=strict would halt the first step; set "
+                                          r"generator.top_p=1.0 \(or loop.barrier=measure\)$"):
+        load_config(None, ["generator.top_p=0.9"])
+    assert load_config(None, ["generator.top_p=0.9", "loop.barrier=measure"]).generator.top_p == 0.9
+
+
+def test_timeouts_and_recovery_keys():
+    cfg = load_config(None, ["loop.timeouts.reward=5", "loop.timeouts.generate=0", "loop.max_restarts=2",
+                             "loop.keep_checkpoints=0"])
+    assert cfg.loop.timeouts.seconds("reward") == 5.0 and cfg.loop.timeouts.seconds("generate") is None
+    assert (cfg.loop.max_restarts, cfg.loop.keep_checkpoints) == (2, 0)
 
 
 def test_yaml_plus_overrides_are_typed(tmp_path):
@@ -48,6 +65,9 @@ def test_reward_function_from_the_command_line():
         (["data.source=mnist"], r"data.source='mnist' is not one of"),
         (["lr=3"], r"override 'lr=3': write it as section.key=value"),
         (["trainer.lr"], r"write it as section.key=value"),
+        (["loop.timeouts.rewrd=1"], r"unknown config key loop.timeouts.rewrd; valid keys under loop.timeouts: start, "),
+        (["loop.timeouts.reward=-1"], r"loop.timeouts.reward=-1.0: must be a number of seconds >= 0 \(0 = no limit\)"),
+        (["loop.max_restarts=-1"], r"loop.max_restarts=-1 must be >= 0"),
     ],
 )
 def test_bad_keys_and_values_name_the_key_and_the_fix(override, message):
@@ -76,4 +96,5 @@ def test_loop_dirs_are_filled_at_run_time():
     loop = LoopConfig()
     assert loop.log_dir == ""
     loop.resolve_dirs()
-    assert loop.log_dir.startswith("runs/") and loop.checkpoint_dir == f"{loop.log_dir}/checkpoints"
+    # absolute: a resumed run may start from another working directory
+    assert loop.log_dir.startswith(os.path.abspath("runs") + "/") and loop.checkpoint_dir == f"{loop.log_dir}/checkpoints"
