@@ -89,7 +89,19 @@ def gsm8k_dataset(split: str = "train") -> datasets.Dataset:
 def jsonl_dataset(path: str) -> datasets.Dataset:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data.path={path!r}: no such file")
-    ds = datasets.load_dataset("json", data_files=path, split="train")
+    with open(path, "rb") as f:
+        if not any(line.strip() for line in f):
+            raise ValueError(f"data.path={path!r} has no rows; write one JSON object per line, e.g. {{\"prompt\": \"3+4=\"}}")
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # a local file: its "Generating split" bar is noise
+    try:
+        ds = datasets.load_dataset("json", data_files=path, split="train")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"data.path={path!r} is not readable as JSON lines ({first}); write one JSON object per line") from None
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
     if "prompt" not in ds.column_names:
         raise ValueError(
             f"data.path={path!r} has columns {ds.column_names}; it needs a 'prompt' column"
@@ -105,18 +117,51 @@ def load_source(cfg: DataConfig) -> datasets.Dataset:
     return jsonl_dataset(cfg.path)
 
 
-class PromptStream:
-    """Endless seeded batches of (prompts, fields); reshuffled each epoch."""
+def prompt_token_counts(dataset: datasets.Dataset, tokenizer_dir: str) -> list[int] | None:
+    """Tokens of each prompt as vLLM counts them (the checkpoint's tokenizer.json, special
+    tokens included); None when the checkpoint has no tokenizer.json."""
+    path = os.path.join(tokenizer_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    from tokenizers import Tokenizer
 
-    def __init__(self, dataset: datasets.Dataset, prompts_per_step: int, seed: int = 0):
+    tokenizer = Tokenizer.from_file(path)
+    return [len(e.ids) for e in tokenizer.encode_batch(list(dataset["prompt"]), add_special_tokens=True)]
+
+
+class PromptStream:
+    """Endless seeded batches of (prompts, fields); reshuffled each epoch.
+
+    Prompts longer than `max_prompt_tokens` (per `prompt_lengths`) are skipped as the stream
+    reaches them; `num_dropped` counts those skipped for the last batch. The state
+    (epoch, position) is checkpointed, so a resumed run gets the batches it would have.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, prompts_per_step: int, seed: int = 0, *,
+                 prompt_lengths: list[int] | None = None, max_prompt_tokens: int | None = None,
+                 what: str = "the prompt dataset"):
         if len(dataset) == 0:
-            raise ValueError("the prompt dataset is empty")
+            raise ValueError(f"{what} is empty; give it at least one prompt")
         self.dataset = dataset
         self.prompts_per_step = prompts_per_step
         self.seed = seed
         self.epoch = 0
         self.position = 0  # next row in this epoch's order
+        self.num_dropped = 0
+        self._too_long: set[int] = set()
+        if prompt_lengths is not None and max_prompt_tokens is not None:
+            self._too_long = {i for i, n in enumerate(prompt_lengths) if n > max_prompt_tokens}
+            if len(self._too_long) == len(dataset):
+                raise ValueError(
+                    f"all {len(dataset)} prompts of {what} are longer than {max_prompt_tokens} tokens "
+                    f"(the longest has {max(prompt_lengths)}), so none fits; raise generator.max_model_len "
+                    "or lower generator.max_tokens"
+                )
         self._order = self._epoch_order()
+
+    @property
+    def num_too_long(self) -> int:
+        return len(self._too_long)
 
     def _epoch_order(self) -> list[int]:
         order = list(range(len(self.dataset)))
@@ -125,19 +170,30 @@ class PromptStream:
 
     def next_batch(self) -> tuple[list[str], list[dict]]:
         rows = []
+        self.num_dropped = 0
         while len(rows) < self.prompts_per_step:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._epoch_order()
-            rows.append(self._order[self.position])
+            row = self._order[self.position]
             self.position += 1
+            if row in self._too_long:
+                self.num_dropped += 1
+            else:
+                rows.append(row)
         batch = self.dataset.select(rows)
         fields = [{k: v for k, v in row.items() if k != "prompt"} for row in batch]
         return list(batch["prompt"]), fields
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "num_rows": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
+        num_rows = state.get("num_rows", len(self.dataset))
+        if num_rows != len(self.dataset):
+            raise ValueError(
+                f"the checkpoint's data stream ran over {num_rows} prompts, the dataset now has "
+                f"{len(self.dataset)}; resume with the same data (data.path, data.split)"
+            )
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._epoch_order()

@@ -17,7 +17,8 @@ _CONSOLE = (
     ("perf/tokens_per_s", "tok/s", "{:.0f}"),
     ("time/step", "step_s", "{:.2f}"),
 )
-_PHASES = ("generate", "reward", "train", "sync")
+_PHASES = ("verify", "generate", "reward", "train", "sync")
+DROPPED_PROMPTS = "data/num_dropped_prompts"  # over-long prompts the step skipped
 
 
 def console_line(metrics: dict) -> str:
@@ -25,6 +26,8 @@ def console_line(metrics: dict) -> str:
     for key, label, fmt in _CONSOLE:
         if key in metrics:
             parts.append(f"{label} {fmt.format(metrics[key])}")
+    if metrics.get(DROPPED_PROMPTS):
+        parts.append(f"dropped {metrics[DROPPED_PROMPTS]} long prompts")
     phases = [f"{p} {metrics[f'time/{p}']:.2f}" for p in _PHASES if f"time/{p}" in metrics]
     if phases:
         parts.append("[" + " ".join(phases) + " s]")
@@ -40,6 +43,13 @@ class MetricsLogger:
         self.echo = echo
         self.history: list[dict] = []
         self._writer = SummaryWriter(log_dir=log_dir)
+
+    def rewind(self, step: int) -> None:
+        """Continue after `step` (a resume or restart from its checkpoint): later entries
+        leave the history, and TensorBoard hides the events logged past it before."""
+        self.history = [m for m in self.history if m.get("step", 0) <= step]
+        self._writer.close()
+        self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=step + 1)
 
     def log(self, step: int, metrics: dict) -> None:
         self.history.append(dict(metrics))

@@ -74,3 +74,51 @@ def test_gsm8k_reward_reads_the_last_number():
     assert rewards.gsm8k("q", "so 3 + 4 = 7. The answer is 1,234.", answer="1234") == 1.0
     assert rewards.gsm8k("q", "it is 12 then 13", answer="12") == 0.0
     assert rewards.gsm8k("q", "no idea", answer="12") == 0.0
+
+
+def test_an_empty_or_broken_jsonl_is_one_line(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"^data.path='.*empty.jsonl' has no rows; write one JSON object per line"):
+        load_source(DataConfig(source="jsonl", path=str(empty)))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "1+1="}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"^data.path='.*broken.jsonl' is not readable as JSON lines \(") as e:
+        load_source(DataConfig(source="jsonl", path=str(broken)))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="^the prompts is empty; give it at least one prompt$"):
+        PromptStream(arithmetic_dataset(2).select([]), 2, what="the prompts")
+
+
+def test_prompt_lengths_come_from_the_checkpoints_tokenizer(tmp_path):
+    from lockstep.models.tiny import write_tiny_checkpoint
+
+    ds = arithmetic_dataset(12, seed=0)  # "3+4=" is 4 tokens, "12+7=" 5, "12+12=" 6: one per character
+    counts = data.prompt_token_counts(ds, str(write_tiny_checkpoint(tmp_path / "tiny")))
+    assert counts == [len(p) for p in ds["prompt"]]
+    assert data.prompt_token_counts(ds, str(tmp_path)) is None  # no tokenizer.json: nothing to count with
+
+
+def test_over_long_prompts_are_skipped_and_counted():
+    ds = arithmetic_dataset(12, seed=0)
+    lengths = [len(p) for p in ds["prompt"]]
+    stream = PromptStream(ds, prompts_per_step=4, seed=1, prompt_lengths=lengths, max_prompt_tokens=5)
+    assert stream.num_too_long == sum(n > 5 for n in lengths) > 0
+    dropped, seen = 0, []
+    for _ in range(30):
+        prompts, _ = stream.next_batch()
+        assert len(prompts) == 4 and all(len(p) <= 5 for p in prompts)
+        dropped, seen = dropped + stream.num_dropped, seen + prompts
+    assert dropped > 0 and len(seen) + dropped == sum(1 for _ in range(stream.epoch * len(ds) + stream.position))
+
+    with pytest.raises(ValueError, match=r"^all 169 prompts of data.source=jsonl are longer than 3 tokens \(the longest "
+                                         r"has 6\), so none fits; raise generator.max_model_len or lower generator.max_tokens$"):
+        PromptStream(ds, 4, prompt_lengths=lengths, max_prompt_tokens=3, what="data.source=jsonl")
+
+
+def test_resuming_the_stream_on_other_data_is_refused():
+    stream = PromptStream(arithmetic_dataset(2), 4)
+    stream.next_batch()
+    state = stream.state_dict()
+    with pytest.raises(ValueError, match=r"ran over 9 prompts, the dataset now has 16; resume with the same data"):
+        PromptStream(arithmetic_dataset(3), 4).load_state_dict(state)
