@@ -34,8 +34,8 @@ class TimeoutsConfig:
     start: float = 1800.0  # spawn the procs, build the models, start vLLM
     generate: float = 1800.0
     reward: float = 600.0
-    score: float = 900.0  # trainer logprobs for the barrier
-    train: float = 1800.0
+    score: float = 900.0  # trainer logprobs outside a step (audits, ad hoc)
+    train: float = 1800.0  # forward + backward (the barrier's logprobs), optimizer step
     sync: float = 900.0  # push + pull of the weights, and their fingerprints
     checkpoint: float = 1800.0  # save, load, HF export
     audit: float = 1800.0

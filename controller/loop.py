@@ -1,8 +1,9 @@
 """One RL step, written against actor handles so tests can pass fakes.
 
-prompts -> generate (policy version k, checked by the generators) -> rewards ->
-advantages -> trainer forward + backward (its logprobs of the same tokens) -> barrier ->
-optimizer step -> push weights (k+1) -> generators pull (k+1).
+(weight fingerprints: trainer = every generator, at version k) -> prompts -> generate
+(policy version k, checked by the generators) -> rewards -> advantages -> trainer forward +
+backward (its logprobs of the same tokens) -> barrier -> optimizer step -> push weights (k+1)
+-> generators pull (k+1).
 
 A handle is any object with the role's async methods (docs/architecture.md); the
 Monarch meshes are wrapped to look like that in controller/session.py.
@@ -23,10 +24,14 @@ from lockstep.controller import barrier as barrier_mod
 from lockstep.controller.audit import FailedSample
 
 
+class WeightMismatchError(RuntimeError):
+    """A generator's weights are not the trainer's (fingerprints differ): the step is refused."""
+
+
 @dataclass
 class Handles:
-    generators: list[Any]  # one per data-parallel replica: generate, update_weights, version
-    trainer: Any  # forward_backward, optimizer_step, drop_gradients, push_weights, version, ...
+    generators: list[Any]  # one per data-parallel replica: generate, update_weights, version, fingerprint
+    trainer: Any  # forward_backward, optimizer_step, drop_gradients, push_weights, version, fingerprint, ...
     reward: Any  # score(samples) -> reward_runner.Scores, already merged over the reward ranks
 
 
@@ -86,6 +91,24 @@ async def generate(
     return samples
 
 
+async def verify_weights(handles: Handles, policy_version: int) -> None:
+    """Every generator replica holds the trainer's weights at `policy_version`, bit for bit
+    (layout-independent fingerprints, actors/weight_sync.py); else WeightMismatchError
+    naming the replica and the first differing parameter."""
+    expected, *replicas = await asyncio.gather(
+        handles.trainer.fingerprint(), *(g.fingerprint() for g in handles.generators)
+    )
+    if expected.version != policy_version:
+        raise WeightMismatchError(f"the trainer holds weights v{expected.version}, the step expects v{policy_version}")
+    for i, got in enumerate(replicas):
+        difference = expected.first_difference(got)
+        if difference is not None:
+            raise WeightMismatchError(
+                f"generator[{i}] does not hold the trainer's weights v{policy_version}: {difference}; "
+                "the step was refused before sampling"
+            )
+
+
 def _reward_metrics(samples: list[Sample]) -> dict:
     rewards = [s.reward for s in samples]
     lengths = [len(s.completion_ids) for s in samples]
@@ -130,11 +153,22 @@ async def run_step(
     temperature: float,
     num_samples: int | None = None,
     step: int = 0,
+    check_weights: bool = False,
 ) -> StepResult:
     """One synchronous on-policy step. Raises before the optimizer on reward or barrier errors;
-    a strict-barrier BarrierError carries `.failed`, the FailedSample to audit."""
+    a strict-barrier BarrierError carries `.failed`, the FailedSample to audit. With
+    check_weights, a generator whose weights differ from the trainer's refuses the step
+    before any sampling (WeightMismatchError)."""
     times: dict[str, float] = {}
     step_start = time.perf_counter()
+
+    if check_weights:
+        with _timed(times, "verify"):
+            try:
+                await verify_weights(handles, policy_version)
+            except WeightMismatchError as e:
+                e.args = (f"step {step}: {e}",)
+                raise
 
     with _timed(times, "generate"):
         samples = await generate(handles.generators, prompts, fields, policy_version, num_samples)

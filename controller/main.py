@@ -1,12 +1,15 @@
 """lockstep's command line.
 
     python controller/main.py --mesh local-cpu [--config FILE] [--steps N] [section.key=value ...]
+    python controller/main.py --resume RUN_DIR [--steps N] [section.key=value ...]
     lockstep run --mesh local-cpu [--config FILE] [--steps N] [section.key=value ...]
     lockstep audit --run RUN_DIR [--mesh MESH]    (also: python controller/main.py audit ...)
 
 With no --config it runs the embedded default: the built-in arithmetic task on a tiny
-randomly initialised model, on this machine's CPU. `audit` re-runs the sample a run's strict
-barrier halted on (saved in RUN_DIR/audit/) and names the first module whose outputs differ.
+randomly initialised model, on this machine's CPU. `--resume` continues a run from its latest
+checkpoint, bit for bit, up to loop.steps (or --steps) in all. `audit` re-runs the sample a
+run's strict barrier halted on (saved in RUN_DIR/audit/) and names the first module whose
+outputs differ.
 """
 
 import os
@@ -21,9 +24,12 @@ import argparse  # noqa: E402
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mesh", default="local-cpu", help="mesh config name (mesh_configs/) or YAML path")
+    parser.add_argument("--mesh", default=None, help="mesh config name (mesh_configs/) or YAML path "
+                        "(default: local-cpu; with --resume, the run's)")
     parser.add_argument("--config", default=None, help="run config YAML (default: the built-in demo)")
     parser.add_argument("--steps", type=int, default=None, help="number of steps (overrides loop.steps)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR (its log dir) from its latest checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. trainer.lr=3e-4")
 
 
@@ -31,25 +37,30 @@ def run(args: argparse.Namespace) -> int:
     from lockstep.actors.reward import RewardError
     from lockstep.controller.barrier import BarrierError
     from lockstep.controller.config import ConfigError, parse_overrides
-    from lockstep.controller.session import MeshError, Session
+    from lockstep.controller.loop import WeightMismatchError
+    from lockstep.controller.session import ActorTimeout, MeshError, Session
 
     try:
         overrides = parse_overrides(args.overrides)
         if args.steps is not None:
             overrides.setdefault("loop", {})["steps"] = str(args.steps)
-        session = Session(args.config, mesh=args.mesh, **overrides)
+        if args.resume:
+            session = Session.resume(args.resume, mesh=args.mesh, config=args.config, **overrides)
+        else:
+            session = Session(args.config, mesh=args.mesh or "local-cpu", **overrides)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         with session:
-            print(f"lockstep: mesh {args.mesh}, logs in {session.log_dir} (tensorboard --logdir {session.log_dir})")
-            session.run()
-            last = session.metrics[-1] if session.metrics else {}
-            if "reward/mean" in last:
-                first = session.metrics[0]["reward/mean"]
-                print(f"lockstep: {session.num_steps_done} steps, mean reward {first:.3f} -> {last['reward/mean']:.3f}")
-    except (ValueError, FileNotFoundError, RewardError, BarrierError, MeshError) as e:
+            print(f"lockstep: mesh {session.mesh_config.name}, logs in {session.log_dir} "
+                  f"(tensorboard --logdir {session.log_dir})")
+            ran = session.run()
+            if ran and "reward/mean" in ran[-1]:
+                print(f"lockstep: {session.num_steps_done} steps, mean reward "
+                      f"{ran[0]['reward/mean']:.3f} -> {ran[-1]['reward/mean']:.3f}")
+    except (ValueError, FileNotFoundError, RewardError, BarrierError, MeshError, ActorTimeout,
+            WeightMismatchError) as e:
         if os.environ.get("LOCKSTEP_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)  # LOCKSTEP_DEBUG=1 shows the traceback
@@ -67,7 +78,7 @@ def audit(args: argparse.Namespace) -> int:
     import json
 
     from lockstep.controller import audit as audit_mod
-    from lockstep.controller.session import MeshError, Session
+    from lockstep.controller.session import Session
 
     run_dir = os.path.abspath(args.run)
     saved_dir = os.path.join(run_dir, audit_mod.AUDIT_DIR)
@@ -87,7 +98,7 @@ def audit(args: argparse.Namespace) -> int:
         with session:
             session.load(os.path.join(saved_dir, audit_mod.CHECKPOINT_DIR))
             print(session.audit(failed).summary())
-    except (ValueError, RuntimeError, FileNotFoundError, MeshError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError) as e:  # MeshError, ActorTimeout are RuntimeErrors
         if os.environ.get("LOCKSTEP_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

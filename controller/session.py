@@ -5,108 +5,46 @@
         s.generate("12+7=")          # ad-hoc prompts -> list[Sample]
         s.set_reward(my_fn)          # swap the reward: a function or class, or "pkg.mod:name"
         s.metrics                    # history, one dict per step
+        s.save() / s.load(path)      # checkpoints (controller/checkpoint.py)
         s.audit()                    # after a strict-barrier halt: the first module that differs
 
-Every coroutine runs on one event loop owned by a daemon thread, so the same code works
-under a plain script and inside Jupyter, whose own loop is already running.
+    with Session.resume("runs/<stamp>") as s:    # continue a run from its latest checkpoint
+        s.run()                                  # the steps it has left, bit for bit
+
+Every coroutine runs on one event loop owned by a daemon thread (controller/event_loop.py);
+actor calls go through controller/handles.py (timeouts, one-line errors).
 """
 
 import asyncio
 import dataclasses
 import json
 import os
-import re
 import sys
-import threading
+import time
 from typing import Callable
 
 import monarch.actor
-from monarch._rust_bindings.monarch_hyperactor.supervision import SupervisionError
-from monarch.actor import ActorError
 from tqdm.auto import tqdm
 
 from lockstep.actors import weight_sync
-from lockstep.actors.reward import RewardConfig, RewardFunctionConfig, RewardRunner, Scores, merge_scores, pack
+from lockstep.actors.reward import RewardConfig, RewardFunctionConfig, RewardRunner, pack
 from lockstep.actors.types import Sample
 from lockstep.controller import audit as audit_mod
+from lockstep.controller import checkpoint
 from lockstep.controller.audit import AuditReport, FailedSample
 from lockstep.controller.barrier import BarrierError
-from lockstep.controller.config import RunConfig, load_config, to_dict
-from lockstep.controller.data import DEFAULT_REWARDS, PromptStream, load_source
-from lockstep.controller.loop import Handles, generate, run_step
+from lockstep.controller.config import ConfigError, RunConfig, load_config, to_dict
+from lockstep.controller.data import DEFAULT_REWARDS, PromptStream, load_source, prompt_token_counts
+from lockstep.controller.event_loop import LoopThread
+from lockstep.controller.handles import ActorTimeout, MeshError, MeshHandle, RewardHandle, generator_replicas, report_failure
+from lockstep.controller.loop import Handles, WeightMismatchError, generate, run_step
 from lockstep.controller.mesh_config import load_mesh_config
-from lockstep.controller.metrics import MetricsLogger
+from lockstep.controller.metrics import DROPPED_PROMPTS, MetricsLogger
 from lockstep.models import checkpoint_path
 
+__all__ = ["Session", "MeshError", "ActorTimeout"]
 
-class _LoopThread:
-    """One asyncio loop on a daemon thread; `run(coro)` blocks the caller until it finishes."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="lockstep-session", daemon=True)
-        self._thread.start()
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-
-
-class MeshError(RuntimeError):
-    """An actor of a role died (e.g. its __init__ raised); the session cannot go on."""
-
-
-_EXCEPTION_LINE = re.compile(r"^\s*([\w.]+(?:Error|Exception)\b.*)$", re.MULTILINE)
-
-
-def _unwrap(e: BaseException, role: str) -> BaseException:
-    """The clear error inside Monarch's wrappers (ActorError keeps the exception; a dead
-    actor's SupervisionError only its traceback text, whose last exception line we keep)."""
-    if isinstance(e, ActorError) and isinstance(e.exception, Exception):
-        return e.exception
-    if isinstance(e, SupervisionError):
-        lines = _EXCEPTION_LINE.findall(str(e))
-        return MeshError(f"the {role} actors failed: {lines[-1] if lines else str(e).splitlines()[0]}")
-    return e
-
-
-def _report_failure(failure) -> None:
-    sys.stderr.write(f"lockstep: mesh {failure.mesh_name} failed; its calls raise MeshError\n")
-
-
-class _MeshHandle:
-    """An actor mesh as one object with async methods: every rank gets the call, rank 0 answers."""
-
-    def __init__(self, mesh, name: str):
-        self._mesh, self._name = mesh, name
-
-    def __getattr__(self, endpoint: str) -> Callable:
-        async def call(*args, **kwargs):
-            values = await self._call(endpoint, *args, **kwargs)
-            return values[0]
-
-        return call
-
-    async def _call(self, endpoint: str, *args, **kwargs) -> list:
-        try:
-            result = await getattr(self._mesh, endpoint).call(*args, **kwargs)
-        except (ActorError, SupervisionError) as e:
-            raise _unwrap(e, self._name) from e
-        return [v for _, v in sorted(result.items(), key=lambda item: item[0].rank)]
-
-
-class _RewardHandle(_MeshHandle):
-    async def score(self, samples: list[Sample]) -> Scores:
-        return merge_scores(await self._call("score", samples))
-
-
-def _generator_replicas(mesh, num_replicas: int, tp: int) -> list[_MeshHandle]:
-    """Replica i = procs [i*tp, (i+1)*tp) of the flat generator mesh (rank = dp * tp + tp_index)."""
-    (dim,) = mesh.sizes
-    return [_MeshHandle(mesh.slice(**{dim: slice(i * tp, (i + 1) * tp)}), f"generator[{i}]") for i in range(num_replicas)]
+RUN_CONFIG_FILE = "config.json"  # in the log dir: the run's config and mesh, for --resume and audit
 
 
 def _config_from(config, overrides: dict) -> RunConfig:
@@ -150,11 +88,44 @@ class Session:
         self.last_failure: FailedSample | None = None  # what the strict barrier last halted on
         self._meshes = None
         self._handles: Handles | None = None
-        self._reward_handle: _RewardHandle | None = None
+        self._reward_handle: RewardHandle | None = None
         self._stream: PromptStream | None = None
         self._logger: MetricsLogger | None = None
-        self._thread: _LoopThread | None = None
+        self._thread: LoopThread | None = None
         self._previous_fault_hook = None
+        self._model_dir: str | None = None
+        self._reward_cfg: RewardConfig | None = None
+        self._reward_override = None  # set_reward's functions (packed), sent again after a restart
+        self._resume_from: str | None = None  # a checkpoint start() loads (Session.resume)
+        self._num_restarts = 0
+
+    @classmethod
+    def resume(cls, run_dir: str, mesh: str | None = None, *, config=None, echo: bool = True, **overrides) -> "Session":
+        """A session that continues the run in `run_dir` (its log dir) from its latest
+        checkpoint when started: same config (only loop.steps, loop.save_every and other keys
+        that do not change the numbers may differ), same log dir; `mesh` defaults to the run's."""
+        run_dir = os.path.abspath(run_dir)
+        try:
+            with open(os.path.join(run_dir, RUN_CONFIG_FILE)) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            raise checkpoint.CheckpointError(
+                f"--resume {run_dir}: no readable {RUN_CONFIG_FILE}; pass a run's log dir (runs/<stamp>)"
+            ) from None
+        path = checkpoint.resolve(run_dir)
+        state = checkpoint.read_state(path)
+        new = _config_from(config if config is not None else saved["config"], overrides)
+        new.loop.log_dir = run_dir
+        new.loop.checkpoint_dir = new.loop.checkpoint_dir or saved["config"]["loop"]["checkpoint_dir"]
+        changes = checkpoint.config_changes(state["config"], to_dict(new))
+        if changes:
+            raise ConfigError(
+                f"--resume {run_dir}: the config differs from the run's in {', '.join(changes)}; a resumed run "
+                f"keeps its config (to start a new run from these weights instead: model.path={path})"
+            )
+        session = cls(new, mesh or saved.get("mesh_source") or saved["mesh"], echo=echo)
+        session._resume_from = path
+        return session
 
     # -- lifecycle --
 
@@ -178,12 +149,17 @@ class Session:
         # Monarch's default answer to a dead actor is to interrupt the main thread (and a
         # notebook's kernel); while the session runs, the call on that actor raises instead.
         self._previous_fault_hook = monarch.actor.unhandled_fault_hook
-        monarch.actor.unhandled_fault_hook = _report_failure
-        self._thread = _LoopThread()
+        monarch.actor.unhandled_fault_hook = report_failure
+        self._thread = LoopThread()
         try:
-            self._thread.run(self._start())
+            self._prepare()
+            self._thread.run(self._spawn())
+            if self._resume_from:
+                path, self._resume_from = self._resume_from, None
+                self.load(path)
+                self._say(f"lockstep: resumed {self.log_dir} from {os.path.basename(path)} (step {self.num_steps_done})")
         except BaseException:
-            self.stop()
+            self._stop_quietly()
             raise
         return self
 
@@ -197,6 +173,10 @@ class Session:
             self._require_started()
         return self._thread.run(coro)
 
+    def _say(self, line: str) -> None:
+        if self.echo:
+            tqdm.write(line, file=sys.stderr)
+
     def _reward_config(self) -> RewardConfig:
         if self.config.reward.functions:
             return self.config.reward
@@ -208,20 +188,51 @@ class Session:
             )
         return RewardConfig(functions=[RewardFunctionConfig(fn=default)])
 
-    async def _start(self) -> None:
+    def _prepare(self) -> None:
+        """Once per session, before any proc: data, reward, model files, logs (bad input fails here)."""
+        cfg = self.config
+        cfg.loop.resolve_dirs()
+        self._reward_cfg = self._reward_config()
+        RewardRunner.from_config(self._reward_cfg)  # a bad dotted path fails here, before any proc starts
+        # Write the tiny checkpoint once here, so every actor loads the same directory.
+        self._model_dir = str(checkpoint_path(cfg.model))
+        dataset = load_source(cfg.data)
+        what = f"data.source={cfg.data.source}" + (f" ({cfg.data.path})" if cfg.data.path else "")
+        max_prompt_tokens = cfg.generator.max_model_len - cfg.generator.max_tokens
+        self._stream = PromptStream(
+            dataset, cfg.data.prompts_per_step, cfg.data.seed, what=what,
+            prompt_lengths=prompt_token_counts(dataset, self._model_dir) if len(dataset) else None,
+            max_prompt_tokens=max_prompt_tokens,
+        )
+        if self._stream.num_too_long:
+            self._say(
+                f"lockstep: {self._stream.num_too_long} of {len(dataset)} prompts are longer than {max_prompt_tokens} "
+                "tokens (generator.max_model_len - generator.max_tokens); steps skip them (data/num_dropped_prompts)"
+            )
+        self._logger = MetricsLogger(cfg.loop.log_dir, echo=self.echo)
+        checkpoint.write_json(
+            os.path.join(cfg.loop.log_dir, RUN_CONFIG_FILE),
+            {"config": to_dict(cfg), "mesh": self.mesh_config.name, "mesh_source": self._mesh_source},
+        )
+
+    async def _spawn(self) -> None:
+        """Spawn the meshes and bring the generators to the trainer's weights."""
+        limit = self.config.loop.timeouts.seconds("start")
+        try:
+            await asyncio.wait_for(self._spawn_meshes(), limit)
+        except asyncio.TimeoutError:
+            raise ActorTimeout(
+                f"the meshes did not start within {limit:g} s (phase start); if it is only slow, raise loop.timeouts.start"
+            ) from None
+
+    async def _spawn_meshes(self) -> None:
         from lockstep.actors.generator import GeneratorActor
         from lockstep.actors.reward import RewardActor
         from lockstep.actors.trainer import TrainerActor
         from lockstep.controller.meshes import Meshes
 
-        cfg = self.config
-        cfg.loop.resolve_dirs()
-        self._stream = PromptStream(load_source(cfg.data), cfg.data.prompts_per_step, cfg.data.seed)
-        reward_cfg = self._reward_config()
-        RewardRunner.from_config(reward_cfg)  # a bad dotted path fails here, before any proc starts
-        # Write the tiny checkpoint once here, so every actor loads the same directory.
-        model_cfg = dataclasses.replace(cfg.model, path=str(checkpoint_path(cfg.model)))
-
+        cfg, timeouts = self.config, self.config.loop.timeouts
+        model_cfg = dataclasses.replace(cfg.model, path=self._model_dir)
         self._meshes = meshes = Meshes(self.mesh_config)
         trainer = await meshes.spawn_role("trainer", TrainerActor, model_cfg, cfg.trainer, meshes.layout("trainer"))
         transport = weight_sync.transport_for(self.mesh_config.device, self.mesh_config.hosts)
@@ -229,35 +240,41 @@ class Session:
         generator = await meshes.spawn_role(
             "generator", GeneratorActor, model_cfg, cfg.generator, meshes.layout("generator")
         )
-        reward = await meshes.spawn_role("reward", RewardActor, reward_cfg)
+        reward = await meshes.spawn_role("reward", RewardActor, self._reward_cfg)
         gen_role = self.mesh_config.generator
-        self._reward_handle = _RewardHandle(reward, "reward")
-        self._handles = Handles(
-            generators=_generator_replicas(generator, gen_role.dp, gen_role.tp),
-            trainer=_MeshHandle(trainer, "trainer"),
+        self._reward_handle = RewardHandle(reward, "reward", timeouts)
+        handles = Handles(
+            generators=generator_replicas(generator, gen_role.dp, gen_role.tp, timeouts),
+            trainer=MeshHandle(trainer, "trainer", timeouts),
             reward=self._reward_handle,
         )
+        # The first calls wait for the actors' __init__ (models, vLLM): the start phase's limit.
+        await asyncio.gather(handles.trainer.call("version", phase="start"),
+                             *(g.call("version", phase="start") for g in handles.generators))
+        if self._reward_override is not None:
+            await self._reward_handle.call("set_functions", self._reward_override)
+        self._handles = handles
         await self._sync_generators()
-        self._logger = MetricsLogger(cfg.loop.log_dir, echo=self.echo)
-        with open(os.path.join(cfg.loop.log_dir, "config.json"), "w") as f:
-            json.dump({"config": to_dict(cfg), "mesh": self.mesh_config.name, "mesh_source": self._mesh_source}, f, indent=2)
 
-    async def _sync_generators(self) -> None:
+    async def _sync_generators(self, force: bool = False) -> None:
         """Bring every generator to the trainer's version (after start, load or a failed step)."""
         handles = self._handles
         self.policy_version = await handles.trainer.version()
         versions = await asyncio.gather(*(g.version() for g in handles.generators))
-        if any(v != self.policy_version for v in versions):
+        if force or any(v != self.policy_version for v in versions):
             await handles.trainer.push_weights(self.policy_version)
             await asyncio.gather(*(g.update_weights(self.policy_version) for g in handles.generators))
 
     def stop(self) -> None:
-        """Stop every proc mesh; safe to call twice."""
+        """Stop every proc mesh; safe to call twice. Raises if stopping failed."""
         if self._thread is None:
             return
+        error = None
         try:
             if self._meshes is not None:
-                self._thread.run(self._stop())
+                self._thread.run(self._teardown())
+        except Exception as e:
+            error = e
         finally:
             self._thread.close()
             self._thread = None
@@ -266,49 +283,77 @@ class Session:
                 monarch.actor.unhandled_fault_hook, self._previous_fault_hook = self._previous_fault_hook, None
             if self._logger:
                 self._logger.close()
+        if error is not None:
+            raise RuntimeError(f"stopping the meshes failed: {error}") from error
 
-    async def _stop(self) -> None:
+    def _stop_quietly(self) -> None:
+        """stop() while another error is on its way out: that error is the one to report."""
         try:
-            await weight_sync.stop_store()
+            self.stop()
+        except Exception as e:
+            sys.stderr.write(f"lockstep: also, {e}\n")
+
+    async def _teardown(self) -> None:
+        """Drop the store and stop the meshes, within loop.timeouts.stop each; raises the first failure."""
+        limit = self.config.loop.timeouts.seconds("stop")
+        meshes, self._meshes, self._handles = self._meshes, None, None
+        errors = []
+        try:
+            await weight_sync.stop_store(limit or 60.0)
         except Exception:
-            pass  # the store may never have started; the procs go away below either way
-        meshes, self._meshes = self._meshes, None
-        await meshes.shutdown()
+            pass  # the store may never have started, or its procs are gone; they go away below either way
+        try:
+            await asyncio.wait_for(meshes.shutdown(), limit)
+        except asyncio.TimeoutError:
+            errors.append(f"the procs did not stop within {limit:g} s (loop.timeouts.stop)")
+        except Exception as e:
+            errors.append(str(e))
+        if errors:
+            raise RuntimeError(errors[0])
 
     def __enter__(self) -> "Session":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.stop()
+        else:
+            self._stop_quietly()
 
     # -- training --
 
     def step(self) -> dict:
-        """One on-policy step; returns its metrics. On error nothing is applied and the session stays usable."""
+        """One on-policy step; returns its metrics. On error nothing is applied; after a reward,
+        barrier or weight error the session stays usable (a dead or hung actor: see run())."""
         return self._run(self._step())
 
     async def _step(self) -> dict:
         cfg = self.config
         prompts, fields = self._stream.next_batch()
+        num_dropped = self._stream.num_dropped
         try:
             result = await run_step(
                 self._handles, prompts, fields, self.policy_version,
                 barrier=cfg.loop.barrier, temperature=cfg.generator.temperature,
                 num_samples=cfg.generator.num_samples, step=self.num_steps_done + 1,
+                check_weights=cfg.loop.check_weights and cfg.model.impl == "lockstep",
             )
         except BarrierError as e:
             if e.failed is not None:
                 self.last_failure = e.failed
                 e.args = (f"{e} {await self._keep_failure(e.failed)}",)
             raise
-        except Exception:
-            try:
-                await self._sync_generators()  # e.g. trained but the sync failed: realign versions
+        except (MeshError, ActorTimeout):
+            raise  # the meshes are broken: nothing to realign (run() restarts them)
+        except Exception as e:
+            try:  # e.g. trained but the sync failed, or a generator's weights differ: realign
+                await self._sync_generators(force=isinstance(e, WeightMismatchError))
             except Exception:
                 pass  # the step's own error is the one to report
             raise
         self.policy_version = result.policy_version
         self.num_steps_done += 1
+        result.metrics[DROPPED_PROMPTS] = num_dropped
         self._logger.log(self.num_steps_done, result.metrics)
         return result.metrics
 
@@ -326,17 +371,48 @@ class Session:
         return f"{hint}, or from a shell: lockstep audit --run {os.path.abspath(self.log_dir)} (sample and weights in {path})."
 
     def run(self, num_steps: int | None = None) -> list[dict]:
-        """`num_steps` steps (default loop.steps), saving every loop.save_every; returns their metrics."""
-        num_steps = self.config.loop.steps if num_steps is None else num_steps
-        save_every = self.config.loop.save_every
-        out = []
+        """Train until loop.steps steps are done (a resumed run does the ones left), or
+        `num_steps` more; saves every loop.save_every. When an actor dies or hangs, restarts
+        the meshes from the last checkpoint up to loop.max_restarts times in the session and
+        goes on: the same steps, bit for bit. Returns the metrics of the steps it ran."""
+        self._require_started()
+        loop_cfg = self.config.loop
+        first = self.num_steps_done
+        target = loop_cfg.steps if num_steps is None else first + num_steps
         # A bar only on a terminal (disable=None); the per-step console line is the log.
-        quiet = True if not self.echo or num_steps < 2 else None
-        for _ in tqdm(range(num_steps), desc="steps", unit="step", disable=quiet):
-            out.append(self.step())
-            if save_every and self.num_steps_done % save_every == 0:
-                self.save()
-        return out
+        quiet = True if not self.echo or target - first < 2 else None
+        with tqdm(total=max(0, target - first), desc="steps", unit="step", disable=quiet) as bar:
+            while self.num_steps_done < target:
+                try:
+                    self.step()
+                    if loop_cfg.save_every and self.num_steps_done % loop_cfg.save_every == 0:
+                        self.save()
+                except (MeshError, ActorTimeout) as e:
+                    self._restart(e)
+                bar.n = max(0, self.num_steps_done - first)
+                bar.refresh()
+        return [m for m in self.metrics if first < m["step"] <= target]
+
+    def _restart(self, error: Exception) -> None:
+        """Respawn every mesh and load the last checkpoint; re-raises `error` if it may not."""
+        path = checkpoint.latest(self.config.loop.checkpoint_dir)
+        if self._num_restarts >= self.config.loop.max_restarts:
+            raise error
+        if path is None:
+            error.args = (f"{error} (no checkpoint to restart from: set loop.save_every)",)
+            raise error
+        self._num_restarts += 1
+        self._say(f"lockstep: {error}")
+        self._say(
+            f"lockstep: restarting the meshes from {os.path.basename(path)} "
+            f"(restart {self._num_restarts} of loop.max_restarts={self.config.loop.max_restarts})"
+        )
+        try:
+            self._thread.run(self._teardown())
+        except Exception as e:
+            self._say(f"lockstep: stopping what was left: {e}")
+        self._thread.run(self._spawn())
+        self.load(path)
 
     # -- interactive --
 
@@ -354,7 +430,9 @@ class Session:
         self._require_started()
         functions = fn if isinstance(fn, list) else [(fn, weight, args or {})]
         RewardRunner(functions)  # resolve here: a bad path, weight or args fails with a clear line
-        self._run(self._reward_handle._call("set_functions", pack(functions)))
+        packed = pack(functions)
+        self._run(self._reward_handle.call("set_functions", packed))
+        self._reward_override = packed
 
     def audit(self, target: FailedSample | Sample | str | None = None, *, token: int | None = None) -> AuditReport:
         """Re-run one sample on the generator and the trainer with every module's outputs
@@ -395,40 +473,57 @@ class Session:
     # -- checkpoints --
 
     def save(self, path: str | None = None) -> str:
-        """Trainer state (weights, optimizer) plus the controller's (step, version, data position)."""
+        """A checkpoint of everything the run needs to continue bit for bit (controller/checkpoint.py);
+        default path: <loop.checkpoint_dir>/step_<N>, which also moves `latest` and prunes old ones."""
         self._require_started()
-        path = os.path.abspath(path or os.path.join(self.config.loop.checkpoint_dir, f"step_{self.num_steps_done:06d}"))
-        return self._run(self._save(path))
+        checkpoint_dir = self.config.loop.checkpoint_dir
+        path = os.path.abspath(path or os.path.join(checkpoint_dir, checkpoint.step_dir_name(self.num_steps_done)))
+        start = time.perf_counter()
+        self._run(self._save(path))
+        if os.path.dirname(path) == checkpoint_dir:
+            checkpoint.set_latest(checkpoint_dir, path)
+            checkpoint.prune(checkpoint_dir, self.config.loop.keep_checkpoints)
+        self._say(f"lockstep: saved {path} ({time.perf_counter() - start:.1f} s)")
+        return path
 
     async def _save(self, path: str) -> str:
-        os.makedirs(path, exist_ok=True)
-        await self._handles.trainer.save(os.path.join(path, "trainer"))
         state = {
-            "num_steps_done": self.num_steps_done,
+            "step": self.num_steps_done,
             "policy_version": self.policy_version,
             "data": self._stream.state_dict(),
             "config": to_dict(self.config),
+            "mesh": self.mesh_config.name,
         }
-        with open(os.path.join(path, "controller.json"), "w") as f:
-            json.dump(state, f, indent=2)
-        return path
+        return await checkpoint.save(path, self._handles, state, self._model_dir)
 
     def load(self, path: str) -> None:
-        """Restore a save(): trainer state, then generators pulled to the restored version."""
-        with open(os.path.join(path, "controller.json")) as f:
-            state = json.load(f)
-        self._run(self._load(os.path.abspath(os.path.join(path, "trainer"))))
+        """Continue from a checkpoint: `path` is one, or a run's log dir / checkpoints dir
+        (then its `latest`). Restores trainer, generators, data position, step and version."""
+        self._require_started()
+        path = checkpoint.resolve(path)
+        state = checkpoint.read_state(path)
+        checkpoint.check_same_model(state, self._model_dir, path)
+        self._stream.load_state_dict(state["data"])  # checks it fits the dataset before anything changes
+        if state.get("mesh") != self.mesh_config.name or len(state["generators"]) != len(self._handles.generators):
+            self._say(
+                f"lockstep: {os.path.basename(path)} was written on mesh {state.get('mesh')!r} with "
+                f"{len(state['generators'])} generator replica(s), this is {self.mesh_config.name!r} with "
+                f"{len(self._handles.generators)}: the run continues, but not bit for bit as it would have"
+            )
+        self._run(self._load(path, state))
+        self.num_steps_done = state["step"]
+        self._logger.rewind(self.num_steps_done)
+
+    async def _load(self, path: str, state: dict) -> None:
+        handles = self._handles
+        await handles.trainer.load(os.path.join(path, checkpoint.TRAINER_DIR))
+        self.policy_version = await handles.trainer.version()
         if self.policy_version != state["policy_version"]:
-            raise RuntimeError(
-                f"checkpoint {path}: trainer restored version {self.policy_version} but the controller "
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path}: the trainer restored version {self.policy_version} but the controller "
                 f"saved {state['policy_version']}; the checkpoint is inconsistent"
             )
-        self.num_steps_done = state["num_steps_done"]
-        self._stream.load_state_dict(state["data"])
-
-    async def _load(self, trainer_path: str) -> None:
-        await self._handles.trainer.load(trainer_path)
-        self.policy_version = await self._handles.trainer.version()
         # Always push: generators may hold a same-numbered version from another history.
-        await self._handles.trainer.push_weights(self.policy_version)
-        await asyncio.gather(*(g.update_weights(self.policy_version) for g in self._handles.generators))
+        await self._sync_generators(force=True)
+        saved = state["generators"]
+        await asyncio.gather(*(g.set_sampling_state(saved[i % len(saved)]) for i, g in enumerate(handles.generators)))

@@ -18,3 +18,17 @@ def _gone(pid: int, timeout_s: float = 20.0) -> bool:
 def proc_gone():
     """Tests that spawn Monarch procs check with this that none is left behind."""
     return _gone
+
+
+@pytest.fixture(scope="session")
+def tb_scalars():
+    """run_dir -> {tag: [value per step, in step order]} of its TensorBoard scalars."""
+
+    def read(run_dir) -> dict[str, list[float]]:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        return {tag: [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)] for tag in events.Tags()["scalars"]}
+
+    return read

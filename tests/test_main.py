@@ -22,6 +22,8 @@ def run_main(*args, cwd, timeout=600):
         (["loop.barrier=maybe"], "error: loop.barrier='maybe' is not one of strict|measure|off"),
         (["--config", "nope.yaml"], "error: --config nope.yaml: no such file"),
         (["--mesh", "tpu-pod"], "error: unknown mesh config 'tpu-pod'; available:"),
+        (["generator.top_p=0.9"], "error: generator.top_p=0.9 samples from a truncated distribution"),
+        (["--resume", "nowhere"], "error: --resume "),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
@@ -52,6 +54,27 @@ def test_a_mesh_this_machine_cannot_launch_is_one_line(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err]
     assert err.startswith(message)
+
+
+@pytest.mark.parametrize(
+    "rows, extra, message",
+    [
+        ("", [], "error: data.path='{path}' has no rows; write one JSON object per line, e.g. {{\"prompt\": \"3+4=\"}}"),
+        ('{"prompt": "' + "1+1" * 100 + '="}\n', ["generator.max_model_len=64"],
+         "error: all 1 prompts of data.source=jsonl ({path}) are longer than 61 tokens (the longest has 301), so none "
+         "fits; raise generator.max_model_len or lower generator.max_tokens"),
+    ],
+)
+def test_bad_data_is_one_line_before_any_proc_starts(tmp_path, capsys, rows, extra, message):
+    from lockstep.controller.main import main
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(rows)
+    args = ["data.source=jsonl", f"data.path={path}", "reward.functions=lockstep.controller.rewards:arithmetic",
+            f"loop.log_dir={tmp_path / 'run'}", *extra]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err == message.format(path=path)
 
 
 def test_script_path_runs_with_the_installed_package(tmp_path):
@@ -89,17 +112,8 @@ def test_two_steps_on_local_cpu(tmp_path):
     assert len(runs) == 1 and any(p.name.startswith("events.out.tfevents") for p in runs[0].iterdir())
 
 
-def _scalars(run_dir: Path) -> dict[str, list[float]]:
-    """TensorBoard scalars of a run, by tag, in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)] for tag in events.Tags()["scalars"]}
-
-
 @pytest.mark.slow
-def test_demo_trains_under_the_strict_barrier(tmp_path):
+def test_demo_trains_under_the_strict_barrier(tmp_path, tb_scalars):
     """The embedded demo, strict by default, on the real local-cpu meshes (about 1-2 min on
     2 quiet cores): no logprob differs in any bit on any step, and the mean reward climbs.
     The whole run is deterministic (seeded data, sampling and init; invariant kernels), so
@@ -108,7 +122,7 @@ def test_demo_trains_under_the_strict_barrier(tmp_path):
     result = run_main("--steps", str(num_steps), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
-    scalars = _scalars(run_dir)
+    scalars = tb_scalars(run_dir)
     assert scalars["barrier/num_differing_tokens"] == [0.0] * num_steps
     assert min(scalars["barrier/num_tokens"]) > 0
     rewards = torch.tensor(scalars["reward/mean"], dtype=torch.float64)

@@ -8,6 +8,13 @@ import zlib
 import torch
 
 from lockstep.actors.types import Sample
+from lockstep.actors.weight_sync import fingerprint
+
+
+def fake_weights(version: int) -> dict[str, torch.Tensor]:
+    """The fake policy's weights at `version` (HF names)."""
+    g = torch.Generator().manual_seed(version)
+    return {"model.embed_tokens.weight": torch.randn(6, 4, generator=g), "model.norm.weight": torch.ones(4)}
 
 
 def fake_logprobs(prompt: str, k: int, length: int) -> torch.Tensor:
@@ -42,9 +49,14 @@ class FakeGenerator:
     async def update_weights(self, version):
         self.calls.append((self.name, "update_weights", version))
         self.weights_version = version
+        self.weights = fake_weights(version)
 
     async def version(self):
         return self.weights_version
+
+    async def fingerprint(self):
+        self.calls.append((self.name, "fingerprint", self.weights_version))
+        return fingerprint(getattr(self, "weights", None) or fake_weights(self.weights_version), self.weights_version)
 
 
 class FakeTrainer:
@@ -91,6 +103,10 @@ class FakeTrainer:
 
     async def version(self):
         return self.weights_version
+
+    async def fingerprint(self):
+        self.calls.append(("trainer", "fingerprint", self.weights_version))
+        return fingerprint(fake_weights(self.weights_version), self.weights_version)
 
 
 class FakeReward:

@@ -1,11 +1,12 @@
 import asyncio
 
 import pytest
+import torch
 
 from fake_actors import FakeGenerator, FakeReward, FakeTrainer
 from lockstep.actors.reward import RewardConfig, RewardError, RewardRunner, RewardTimeoutWarning
 from lockstep.controller.barrier import BarrierError
-from lockstep.controller.loop import Handles, run_step, split_evenly
+from lockstep.controller.loop import Handles, WeightMismatchError, run_step, split_evenly
 
 PROMPTS = ["1+1=", "2+2=", "3+4=", "5+0=", "9+9="]
 FIELDS = [{"answer": a} for a in ["2", "4", "7", "5", "18"]]
@@ -20,8 +21,9 @@ def make(num_generators=2, flip=None, reward=lambda p, c, **f: float(c == "1"), 
     return calls, handles
 
 
-def step(handles, version=0, barrier="measure"):
-    return asyncio.run(run_step(handles, PROMPTS, FIELDS, version, barrier=barrier, temperature=1.0))
+def step(handles, version=0, barrier="measure", check_weights=False):
+    return asyncio.run(run_step(handles, PROMPTS, FIELDS, version, barrier=barrier, temperature=1.0,
+                                check_weights=check_weights, step=version + 1))
 
 
 def test_split_evenly_covers_everything():
@@ -121,14 +123,15 @@ def test_barrier_off_trains_despite_a_flipped_bit():
     assert handles.trainer.trained_version == 1
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0", None])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0", None, [1.0], {"score": 1}])
 def test_bad_reward_stops_the_step_before_training(bad):
     def broken(prompt, completion, **fields):
         return bad if prompt == "5+0=" else 1.0
 
     calls, handles = make(reward=broken)
-    with pytest.raises(RewardError, match=r"broken.*'5\+0='"):
+    with pytest.raises(RewardError, match=r"broken returned .* on sample \d+ \(prompt '5\+0='.*it must return a finite float") as e:
         step(handles)
+    assert "\n" not in str(e.value)
     assert not any(who == "trainer" for who, _, _ in calls)
 
 
@@ -171,3 +174,32 @@ def test_timeouts_scored_by_default_are_counted_and_warned():
     with pytest.raises(RewardError, match=r"stuck_on_one on sample 7 .* ran past reward.timeout_s=0.2 s; the step was not applied"):
         step(handles)
     assert handles.trainer.batches == []
+
+
+def test_weights_are_fingerprinted_before_sampling():
+    calls, handles = make()
+    result = step(handles, check_weights=True)
+    assert [what for _, what, _ in calls[:3]] == ["fingerprint"] * 3  # trainer + 2 replicas, before generate
+    assert result.metrics["time/verify"] >= 0
+    step(handles, version=1, check_weights=True)  # after the sync, the new weights agree too
+
+
+def test_a_generator_with_other_weights_refuses_the_step_before_sampling():
+    calls, handles = make()
+    step(handles)
+    gen = handles.generators[1]
+    gen.weights["model.norm.weight"][2] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))  # one ulp
+    del calls[:]
+    with pytest.raises(WeightMismatchError, match=r"^step 2: generator\[1\] does not hold the trainer's weights v1: "
+                                                  r"model.norm.weight differs \(checksum .*\); the step was refused before sampling$"):
+        step(handles, version=1, check_weights=True)
+    assert {what for _, what, _ in calls} == {"fingerprint"}  # nothing sampled, scored or trained
+
+
+def test_a_generator_at_another_version_is_named():
+    calls, handles = make()
+    step(handles)
+    handles.generators[0].weights_version = 0  # a replica that missed the pull
+    handles.generators[0].weights = None
+    with pytest.raises(WeightMismatchError, match=r"generator\[0\] does not hold the trainer's weights v1: policy version v0 instead of v1"):
+        step(handles, version=1, check_weights=True)

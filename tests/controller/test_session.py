@@ -9,6 +9,7 @@ import pytest
 
 from lockstep.actors.reward import RewardError
 from lockstep.controller.barrier import BarrierError
+from lockstep.controller.loop import WeightMismatchError
 
 MAIN = Path(__file__).resolve().parents[2] / "controller" / "main.py"
 
@@ -35,7 +36,8 @@ def test_calls_before_start_say_so():
 def test_session_steps_generates_swaps_reward_and_resumes(tmp_path):
     with _tiny(tmp_path) as s:
         m1, m2 = s.run(2)
-        assert (tmp_path / "run" / "checkpoints" / "step_000002" / "controller.json").is_file()  # save_every
+        assert (tmp_path / "run" / "checkpoints" / "step_000002" / "lockstep.json").is_file()  # save_every
+        assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000002"
         # strict barrier passed: every generator logprob equals the trainer's bit for bit
         assert m1["barrier/num_differing_tokens"] == 0 and m2["barrier/num_tokens"] > 0
         assert (m1["policy_version"], m2["policy_version"], s.policy_version) == (1, 2, 2)
@@ -68,38 +70,52 @@ def test_session_steps_generates_swaps_reward_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_strict_halt_then_audit_in_the_session_and_from_the_command_line(tmp_path):
-    """One generator weight nudged by one ulp: the strict barrier halts before the optimizer,
-    the session stays usable, and the audit names that module; the command line re-runs the
-    saved sample on restarted meshes with the saved weights."""
+def test_weight_check_then_strict_halt_then_audit_in_the_session_and_from_the_command_line(tmp_path):
+    """One generator weight nudged by one ulp. First the weight fingerprints refuse the step
+    before any sampling, naming the weight, and the session re-syncs the generator. With the
+    check off, the strict barrier halts before the optimizer, the session stays usable, and
+    the audit names that module; the command line re-runs the saved sample on restarted
+    meshes with the saved weights."""
     run_dir, weight = tmp_path / "run", "layers.1.ffn_norm.weight"
     # 16 samples: a one-ulp nudge flips the bits of only some tokens' logprobs
     with _tiny(tmp_path, data={"prompts_per_step": 4}, generator={"num_samples": 4}) as s:
         s.step()
         generator = s._handles.generators[0]
+        sampled_before = s._run(generator.sampling_state())
         s._run(generator.perturb_weight(weight))
-        with pytest.raises(BarrierError, match=r"^step 2: barrier \(strict\): sample \d+ token \d+") as e:
+        with pytest.raises(WeightMismatchError, match=r"^step 2: generator\[0\] does not hold the trainer's weights v1: "
+                                                      r"model.layers.1.post_attention_layernorm.weight differs \(checksum "
+                                                      r".*\); the step was refused before sampling$"):
+            s.step()
+        assert s._run(generator.sampling_state()) == sampled_before  # nothing was sampled
+        assert (s.policy_version, s.num_steps_done) == (1, 1)
+        assert s.step()["time/verify"] >= 0  # re-synced: the next step passes the check
+        assert s.policy_version == 2
+
+        s.config.loop.check_weights = False  # let the nudged weights reach the barrier
+        s._run(generator.perturb_weight(weight))
+        with pytest.raises(BarrierError, match=r"^step 3: barrier \(strict\): sample \d+ token \d+") as e:
             s.step()
         assert "session.audit()" in str(e.value) and f"lockstep audit --run {run_dir}" in str(e.value)
         # nothing trained, nothing bumped
-        assert (s.policy_version, s.num_steps_done, len(s.metrics)) == (1, 1, 1)
-        assert s._run(s._handles.trainer.version()) == 1
+        assert (s.policy_version, s.num_steps_done, len(s.metrics)) == (2, 2, 2)
+        assert s._run(s._handles.trainer.version()) == 2
 
         report = s.audit()
-        assert (report.step, report.policy_version) == (2, 1)
+        assert (report.step, report.policy_version) == (3, 2)
         assert report.module == "layers.1.ffn_norm" and report.divergence.position == 0
         assert report.divergence.inputs_equal and report.generator_reproduced and report.trainer_reproduced
 
         s._run(generator.perturb_weight(weight, ulps=-1))
         assert s.audit(s.generate("2+2=")[0]).divergence is None
         assert s.step()["barrier/num_differing_tokens"] == 0  # usable again, at the next version
-        assert s.policy_version == 2
+        assert s.policy_version == 3
 
     result = subprocess.run([sys.executable, str(MAIN), "audit", "--run", str(run_dir)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # The trainer restarted on the saved v1 weights scores exactly as at the barrier; the nudge
+    # The trainer restarted on the saved v2 weights scores exactly as at the barrier; the nudge
     # lived only in the old generator's memory, so the restarted one no longer reproduces it.
-    assert "lockstep audit: step 2" in result.stdout and "policy v1" in result.stdout
+    assert "lockstep audit: step 3" in result.stdout and "policy v2" in result.stdout
     assert "trainer alone:   same logprobs as at the barrier" in result.stdout
     assert "generator alone: DIFFERENT" in result.stdout and "no difference" in result.stdout
