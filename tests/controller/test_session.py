@@ -32,6 +32,29 @@ def test_calls_before_start_say_so():
     s.stop()  # nothing to stop: fine
 
 
+def test_a_failure_while_stopping_never_hides_the_error(capsys, monkeypatch):
+    from lockstep import Session
+    from lockstep.controller.event_loop import LoopThread
+
+    def broken_session():
+        s = Session(echo=False)
+        s._thread, s._meshes = LoopThread(), object()  # as if started
+
+        async def teardown():
+            raise RuntimeError("the procs did not stop within 120 s (loop.timeouts.stop)")
+
+        monkeypatch.setattr(s, "_teardown", teardown)
+        return s
+
+    # leaving `with` on an error: the error goes on, the stop failure is one more line
+    assert broken_session().__exit__(ValueError, ValueError("the original error"), None) is None
+    assert capsys.readouterr().err == (
+        "lockstep: also, stopping the meshes failed: the procs did not stop within 120 s (loop.timeouts.stop)\n")
+    # a plain stop() reports it
+    with pytest.raises(RuntimeError, match=r"^stopping the meshes failed: the procs did not stop"):
+        broken_session().stop()
+
+
 @pytest.mark.slow
 def test_session_steps_generates_swaps_reward_and_resumes(tmp_path):
     with _tiny(tmp_path) as s:
