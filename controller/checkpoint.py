@@ -33,7 +33,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.j
 # what it computes.
 RESUME_MAY_CHANGE = (
     "loop.steps", "loop.log_dir", "loop.checkpoint_dir", "loop.save_every", "loop.keep_checkpoints",
-    "loop.max_restarts", "loop.timeouts.", "loop.check_weights", "generator.gpu_memory_utilization",
+    "loop.max_restarts", "loop.timeouts.", "loop.check_weights", "generator.gpu_memory_utilization", "reward.workers",
 )
 # config.json keys that do not make another model.
 _MODEL_KEYS_IGNORED = ("_name_or_path", "transformers_version", "architectures", "torch_dtype")

@@ -33,7 +33,7 @@ class TimeoutsConfig:
 
     start: float = 1800.0  # spawn the procs, build the models, start vLLM
     generate: float = 1800.0
-    reward: float = 600.0
+    reward: float = 1800.0  # above reward.timeout_s: that one names the sample
     score: float = 900.0  # trainer logprobs outside a step (audits, ad hoc)
     train: float = 1800.0  # forward + backward (the barrier's logprobs), optimizer step
     sync: float = 900.0  # push + pull of the weights, and their fingerprints
