@@ -162,7 +162,7 @@ def test_timeouts_scored_by_default_are_counted_and_warned():
         return 1.0
 
     calls, handles = make(reward=stuck_on_one, timeout_s=0.2, on_timeout="default", default_score=-2.0)
-    with pytest.warns(RewardTimeoutWarning, match=r"^step 0: 1 of 10 samples timed out: reward function "
+    with pytest.warns(RewardTimeoutWarning, match=r"^step 1: 1 of 10 samples timed out: reward function "
                                                   r".*stuck_on_one on sample 7 \(prompt '5\+0=', completion '1'\) "
                                                   r"ran past reward.timeout_s=0.2 s; scored reward.default_score=-2$"):
         result = step(handles)
