@@ -111,9 +111,10 @@ def test_resume_continues_bit_for_bit(reference, tmp_path, tb_scalars):
         assert got == expected, step
 
 
-def _kill_generator_once(marker: str):
+def _kill_generator_once(marker: str, controller: int):
     """The arithmetic reward, except that its first call anywhere SIGKILLs the generator proc
-    (the child of the controller that has vLLM loaded). It runs on the reward procs."""
+    (the child of the controller process that has vLLM loaded). It runs on the reward procs
+    (or their worker processes)."""
 
     def reward(prompt, completion, **fields):
         import os
@@ -125,7 +126,6 @@ def _kill_generator_once(marker: str):
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return arithmetic(prompt, completion, **fields)
-        controller = os.getppid()
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
@@ -147,7 +147,7 @@ def test_a_killed_generator_restarts_from_the_last_checkpoint(reference, tmp_pat
     session.config.loop.checkpoint_dir = str(tmp_path / "checkpoints")
     session.load(str(ref_dir / "checkpoints" / "step_000002"))
     session.save()  # this run's step-2 checkpoint: what it restarts from
-    session.set_reward(_kill_generator_once(str(tmp_path / "killed")))
+    session.set_reward(_kill_generator_once(str(tmp_path / "killed"), os.getpid()))
     session.echo = True
     ran = session.run()
 
