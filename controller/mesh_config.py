@@ -5,12 +5,14 @@
     cfg.layout("trainer")                         # Layout(("dp_shard", "tp"), (2, 1), "cpu")
     cfg.gpu_ids("trainer", host=0)                # [] on CPU, e.g. [4, 5, 6, 7] on h100x8
 
-GPU placement: on each host, the generator takes the first GPUs and the trainer the next
-ones, unless `colocate: true`, where both share GPUs 0.. (a 1-GPU host): the generator then
-keeps only `generator.gpu_memory_utilization` of the memory and the trainer uses the rest.
-One proc per GPU. Reward procs use none unless `reward.gpus` (GPUs per reward proc, e.g.
-for a reward model): they take the GPUs after the generator's and trainer's, or with
-`reward.colocate: true` share theirs from GPU 0.
+Placement: a role runs on the hosts its `hosts` lists (consecutive indices, e.g. [0] or
+[0, 1]), its procs split evenly over them in rank order: rank r is on hosts[r // per_host].
+GPUs: on each host, the generator takes the first GPUs and the trainer the next ones, unless
+`colocate: true`, where both share GPUs 0.. (a 1-GPU host): the generator then keeps only
+`generator.gpu_memory_utilization` of the memory and the trainer uses the rest. One proc per
+GPU. Reward procs use none unless `reward.gpus` (GPUs per reward proc, e.g. for a reward
+model): they take the GPUs after the generator's and trainer's, or with `reward.colocate: true`
+share theirs from GPU 0. `cfg.placement()` lists every proc (what --dry-run prints).
 """
 
 import dataclasses
@@ -26,18 +28,30 @@ from lockstep.actors.dist import ROLE_DIM_NAMES, Layout
 
 ROLES = ("generator", "trainer", "reward")
 DEVICES = ("cpu", "cuda")
-LAUNCHERS = ("local", "slurm", "hosts")
+LAUNCHERS = ("local", "processes", "slurm", "hosts")
+WORKER_LAUNCHERS = ("slurm", "hosts")  # hosts reached over TCP, where a Monarch worker listens
+DEFAULT_WORKER_PORT = 22222  # Monarch's own default (SlurmJob, SSHJob)
+DEFAULT_CONNECT_TIMEOUT_S = 300.0
 
 
 @dataclass(kw_only=True, slots=True)
 class LauncherConfig:
-    """How procs get onto hosts. Only `local` (this machine) runs today."""
+    """How the mesh's hosts are found; procs are then spawned on them through Monarch.
+
+    local      this machine (hosts: 1)
+    processes  `hosts` Monarch worker processes on this machine, each a simulated host (CI)
+    slurm      one SLURM job of `hosts` nodes through Monarch's SlurmJob; run inside an
+               allocation (SLURM_JOB_ID set), it attaches to `lockstep worker` on the job's nodes
+    hosts      attaches to `lockstep worker` already running at `hosts` ("NAME" or "NAME:PORT")
+    """
 
     kind: str = "local"
-    hosts: list[str] = field(default_factory=list)  # kind=hosts: one address per host
-    partition: str | None = None  # kind=slurm
-    account: str | None = None  # kind=slurm
-    time_limit: str | None = None  # kind=slurm, e.g. "04:00:00"
+    hosts: list[str] = field(default_factory=list)  # kind hosts: one address per mesh host
+    port: int | None = None  # kinds slurm, hosts: where `lockstep worker` listens (default 22222)
+    connect_timeout_s: float | None = None  # kinds slurm, hosts: wait this long for every worker (default 300)
+    partition: str | None = None  # kind slurm; unset: the cluster's default
+    account: str | None = None  # kind slurm
+    time_limit: str | None = None  # kind slurm, e.g. "04:00:00"
 
     def __post_init__(self):
         if self.kind not in LAUNCHERS:
@@ -46,7 +60,28 @@ class LauncherConfig:
             raise ValueError(f"hosts is only for kind hosts (kind is {self.kind!r})")
         slurm_fields = [n for n in ("partition", "account", "time_limit") if getattr(self, n) is not None]
         if slurm_fields and self.kind != "slurm":
-            raise ValueError(f"{', '.join(slurm_fields)} only apply to kind slurm (kind is {self.kind!r})")
+            raise ValueError(f"{_listed(slurm_fields)} only to kind slurm (kind is {self.kind!r})")
+        worker_fields = [n for n in ("port", "connect_timeout_s") if getattr(self, n) is not None]
+        if worker_fields and self.kind not in WORKER_LAUNCHERS:
+            raise ValueError(f"{_listed(worker_fields)} only to kinds slurm and hosts (kind is {self.kind!r})")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.connect_timeout_s is not None and not self.connect_timeout_s > 0:
+            raise ValueError(f"connect_timeout_s must be > 0, got {self.connect_timeout_s}")
+        for address in self.hosts:
+            _split_address(address, DEFAULT_WORKER_PORT)  # raises on a malformed one
+
+    @property
+    def worker_port(self) -> int:
+        return self.port or DEFAULT_WORKER_PORT
+
+    @property
+    def timeout_s(self) -> float:
+        return self.connect_timeout_s or DEFAULT_CONNECT_TIMEOUT_S
+
+    def host_addresses(self) -> list[tuple[str, int]]:
+        """kind hosts: (name, port) of each mesh host's worker."""
+        return [_split_address(a, self.worker_port) for a in self.hosts]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -112,6 +147,18 @@ class RewardRole:
         return self.procs
 
 
+@dataclass(frozen=True, slots=True)
+class ProcPlacement:
+    """Where one proc of a role runs (one row of --dry-run)."""
+
+    role: str
+    rank: int  # in the role's world (row-major over its layout)
+    host: int  # mesh host index
+    local_rank: int  # among the role's procs on that host (LOCAL_RANK)
+    gpus: tuple[int, ...]  # GPU indices on that host; () on CPU
+    coords: tuple[tuple[str, int], ...]  # (dim, index) in the role's layout, e.g. (("dp", 1), ("tp", 0))
+
+
 @dataclass(kw_only=True, slots=True)
 class MeshConfig:
     """Where every role runs. `gpus` (device cuda) or `procs` (device cpu) is per host."""
@@ -143,7 +190,10 @@ class MeshConfig:
         if self.reward.gpus and self.device != "cuda":
             raise ValueError(f"reward.gpus={self.reward.gpus} needs device cuda; remove it for device cpu")
         if self.launcher.kind == "local" and self.hosts != 1:
-            raise ValueError(f"launcher local runs on this one machine but hosts={self.hosts}; use kind slurm or hosts")
+            raise ValueError(
+                f"launcher local runs on this one machine but hosts={self.hosts}; "
+                "use kind processes (simulated hosts here), slurm or hosts"
+            )
         if self.launcher.kind == "hosts" and len(self.launcher.hosts) != self.hosts:
             raise ValueError(f"launcher.hosts lists {len(self.launcher.hosts)} addresses but hosts={self.hosts}")
         for role in ROLES:
@@ -184,6 +234,32 @@ class MeshConfig:
         """GPUs the generator and trainer take on `host`."""
         counts = [self.procs_per_host(r) for r in ("generator", "trainer") if host in self.role(r).hosts]
         return max(counts, default=0) if self.colocate else sum(counts)
+
+    def gpus_per_proc(self, role: str) -> int:
+        if self.device != "cuda":
+            return 0
+        return self.reward.gpus if role == "reward" else 1
+
+    def placement(self, role: str | None = None) -> list[ProcPlacement]:
+        """Every proc of `role` (default: all roles), in rank order."""
+        if role is not None:
+            self.role(role)  # raises on an unknown role
+        rows = []
+        for r in ROLES if role is None else (role,):
+            spec, layout = self.role(r), self.layout(r)
+            per_host, per_proc = self.procs_per_host(r), self.gpus_per_proc(r)
+            for rank in range(spec.num_procs):
+                host, local_rank = spec.hosts[rank // per_host], rank % per_host
+                gpus = self.gpu_ids(r, host)[local_rank * per_proc:(local_rank + 1) * per_proc]
+                index = [0] * len(layout.shape)
+                rest = rank
+                for d in reversed(range(len(layout.shape))):
+                    rest, index[d] = divmod(rest, layout.shape[d])
+                rows.append(ProcPlacement(
+                    role=r, rank=rank, host=host, local_rank=local_rank,
+                    gpus=tuple(gpus), coords=tuple(zip(layout.dim_names, index)),
+                ))
+        return rows
 
     def _check_fits(self, host: int) -> None:
         on_host = {r: self.procs_per_host(r) for r in ROLES if host in self.role(r).hosts}
@@ -288,8 +364,21 @@ def _check_positive(**values: int) -> None:
 
 
 def _check_hosts(hosts: list[int]) -> None:
-    if not hosts or len(set(hosts)) != len(hosts) or min(hosts) < 0:
-        raise ValueError(f"hosts must be distinct host indices >= 0, got {hosts}")
+    # Consecutive, so a role's hosts are one slice of the host mesh.
+    if not hosts or hosts[0] < 0 or hosts != list(range(hosts[0], hosts[0] + len(hosts))):
+        raise ValueError(f"hosts must be consecutive host indices in increasing order (e.g. [0] or [1, 2]), got {hosts}")
+
+
+def _split_address(address: str, default_port: int) -> tuple[str, int]:
+    """"node-a" or "node-a:22222" -> (name, port)."""
+    name, sep, port = address.rpartition(":") if ":" in address else (address, "", "")
+    if not name or "/" in address or (sep and not port.isdigit()) or (port and not 0 < int(port) < 65536):
+        raise ValueError(f"host address {address!r} must be NAME or NAME:PORT (e.g. node-a or node-a:22222)")
+    return name, int(port) if port else default_port
+
+
+def _listed(keys: list[str]) -> str:
+    return f"{', '.join(keys)} {'applies' if len(keys) == 1 else 'apply'}"
 
 
 def _dotted(where: str, key: str) -> str:

@@ -7,7 +7,7 @@ import pytest
 from lockstep.actors.dist import Layout
 from lockstep.controller.mesh_config import ROLES, available_mesh_configs, load_mesh_config
 
-SHIPPED = ["h100x1", "h100x16", "h100x8", "h200x1", "h200x2", "h200x4", "local-cpu"]
+SHIPPED = ["h100x1", "h100x16", "h100x8", "h200x1", "h200x2", "h200x4", "local-2host", "local-cpu"]
 
 LOCAL = """
 device: cpu
@@ -69,7 +69,7 @@ def test_gpu_placement_generator_first_then_trainer():
     assert h100x16.gpu_ids("generator", host=0) == list(range(8))
     assert h100x16.gpu_ids("trainer", host=0) == []
     assert h100x16.gpu_ids("trainer", host=1) == list(range(8))
-    assert h100x16.launcher.kind == "slurm"  # parses; spawning says "not supported yet"
+    assert h100x16.launcher.kind == "slurm" and h100x16.launcher.worker_port == 22222
 
 
 def test_unknown_mesh_name_lists_the_available_ones():
@@ -91,7 +91,8 @@ def test_missing_file_names_the_path(tmp_path):
         # unknown keys, at every level
         ("fsdp: 2\n", "unknown key 'fsdp'; allowed here: device, hosts, gpus, procs, colocate, launcher, generator, trainer, reward"),
         ("trainer: {dp: 2, fsdp: 2}\n", "unknown key 'trainer.fsdp'; allowed here: dp, tp, hosts"),
-        ("launcher: {kind: local, nodes: 2}\n", "unknown key 'launcher.nodes'; allowed here: kind, hosts, partition, account, time_limit"),
+        ("launcher: {kind: local, nodes: 2}\n",
+         "unknown key 'launcher.nodes'; allowed here: kind, hosts, port, connect_timeout_s, partition, account, time_limit"),
         # wrong types
         ("trainer: {dp: two}\n", "trainer.dp must be int, got str 'two'"),
         ("trainer: {dp: true}\n", "trainer.dp must be int, got bool True"),
@@ -102,8 +103,14 @@ def test_missing_file_names_the_path(tmp_path):
         ("trainer: {dp: 0}\n", "trainer: dp must be >= 1, got 0"),
         ("trainer: {dp: 3, tp: 1}\n", "host 0 runs generator 1 + trainer 3 + reward 2 = 6 procs but procs=5"),
         ("device: tpu\n", "device must be one of ['cpu', 'cuda'], got 'tpu'"),
-        ("launcher: {kind: k8s}\n", "launcher: kind must be one of ['local', 'slurm', 'hosts'], got 'k8s'"),
-        ("hosts: 2\n", "launcher local runs on this one machine but hosts=2; use kind slurm or hosts"),
+        ("launcher: {kind: k8s}\n", "launcher: kind must be one of ['local', 'processes', 'slurm', 'hosts'], got 'k8s'"),
+        ("hosts: 2\n", "launcher local runs on this one machine but hosts=2; use kind processes (simulated hosts here), slurm or hosts"),
+        ("launcher: {kind: local, port: 22222}\n", "launcher: port applies only to kinds slurm and hosts (kind is 'local')"),
+        ("launcher: {kind: processes, partition: gpu}\n", "launcher: partition applies only to kind slurm (kind is 'processes')"),
+        ("launcher: {kind: hosts, hosts: ['node-a:http']}\n",
+         "launcher: host address 'node-a:http' must be NAME or NAME:PORT (e.g. node-a or node-a:22222)"),
+        ("launcher: {kind: slurm, port: 0}\n", "launcher: port must be in 1..65535, got 0"),
+        ("launcher: {kind: slurm, connect_timeout_s: 0}\n", "launcher: connect_timeout_s must be > 0, got 0.0"),
         ("trainer: {dp: 2, hosts: [1]}\n", "trainer.hosts [1] out of range: the mesh has hosts 0..0"),
         ("colocate: true\n", "colocate shares GPUs; remove it for device cpu"),
     ],
@@ -188,3 +195,41 @@ def test_reward_gpus_after_the_policy_or_colocated(tmp_path):
 )
 def test_bad_reward_gpus_are_one_clear_line(tmp_path, text, message):
     assert error_of(tmp_path, text) == f"mesh config '{tmp_path / 'mine.yaml'}': {message}"
+
+
+def test_placement_lists_every_proc_on_its_host_and_gpu(tmp_path):
+    two_host = load_mesh_config("local-2host")
+    assert two_host.launcher.kind == "processes" and two_host.hosts == 2
+    assert [(p.role, p.host, p.rank, p.local_rank, p.gpus) for p in two_host.placement()] == [
+        ("generator", 0, 0, 0, ()),
+        ("trainer", 1, 0, 0, ()),
+        ("trainer", 1, 1, 1, ()),
+        ("reward", 0, 0, 0, ()),
+        ("reward", 0, 1, 1, ()),
+    ]
+    h100x16 = load_mesh_config("h100x16")
+    gpu_rows = [p for p in h100x16.placement() if p.gpus]
+    assert len(gpu_rows) == 16 and {p.host for p in gpu_rows} == {0, 1}
+    assert {(p.host, p.gpus) for p in gpu_rows} == {(h, (g,)) for h in (0, 1) for g in range(8)}  # each GPU once
+
+    # A role spread over two hosts: rank r on hosts[r // 4], row-major over (dp_shard, tp).
+    spread = load_text(
+        tmp_path,
+        "device: cuda\nhosts: 2\ngpus: 8\nlauncher: {kind: hosts, hosts: [node-a, 'node-b:23000']}\n"
+        "generator: {dp: 2, tp: 2, hosts: [0]}\ntrainer: {dp: 2, tp: 4, hosts: [0, 1]}\n",
+    )
+    trainer = spread.placement("trainer")
+    assert [(p.host, p.local_rank, p.gpus) for p in trainer] == [(0, i, (4 + i,)) for i in range(4)] + [(1, i, (i,)) for i in range(4)]
+    assert trainer[5].coords == (("dp_shard", 1), ("tp", 1))
+    reward_gpus = load_text(tmp_path, "device: cuda\nhosts: 1\ngpus: 8\ngenerator: {dp: 2}\ntrainer: {dp: 2}\n"
+                                      "reward: {procs: 2, gpus: 2}\n", "reward")
+    assert [p.gpus for p in reward_gpus.placement("reward")] == [(4, 5), (6, 7)]  # reward.gpus each
+    assert spread.launcher.host_addresses() == [("node-a", 22222), ("node-b", 23000)]
+
+
+def test_role_hosts_must_be_consecutive(tmp_path):
+    text = "device: cpu\nhosts: 3\nprocs: 4\nlauncher: {kind: processes}\ntrainer: {dp: 2, hosts: [0, 2]}\n"
+    assert error_of(tmp_path, text) == (
+        f"mesh config '{tmp_path / 'mine.yaml'}': trainer: hosts must be consecutive host indices in increasing "
+        "order (e.g. [0] or [1, 2]), got [0, 2]"
+    )
