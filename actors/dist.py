@@ -1,10 +1,13 @@
 """torch.distributed + DeviceMesh inside a Monarch proc: the one helper every role uses.
 
 Each role's proc mesh is its own torch.distributed world (trainer procs form one world,
-generator procs another). `controller/meshes.py` runs Monarch's `setup_torch_elastic_env`
-on every mesh it spawns, so each proc already holds torchrun's variables (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT: rank 0 of that mesh picked the free port). An actor
-then calls, once, in `__init__` or its first endpoint:
+generator procs another), on one host or spread over several. `controller/meshes.py` runs
+Monarch's `setup_torch_elastic_env` on every mesh it spawns, so each proc already holds
+torchrun's variables: RANK, WORLD_SIZE, LOCAL_RANK (index among the role's procs on its host),
+MASTER_ADDR and MASTER_PORT (the hostname of rank 0, on the role's first host, and a port
+free there). Across hosts the rendezvous and gloo/nccl then go over the network: the hostname
+must resolve on every host (set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to pick a NIC). An
+actor then calls, once, in `__init__` or its first endpoint:
 
     self.mesh = init_distributed(layout)   # DeviceMesh with layout.dim_names
 

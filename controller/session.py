@@ -217,6 +217,10 @@ class Session:
 
     async def _spawn(self) -> None:
         """Spawn the meshes and bring the generators to the trainer's weights."""
+        from lockstep.controller.meshes import Meshes
+
+        self._meshes = Meshes(self.mesh_config)
+        await self._meshes.host_mesh()  # finding the hosts (e.g. a SLURM queue) is not the start phase
         limit = self.config.loop.timeouts.seconds("start")
         try:
             await asyncio.wait_for(self._spawn_meshes(), limit)
@@ -229,11 +233,10 @@ class Session:
         from lockstep.actors.generator import GeneratorActor
         from lockstep.actors.reward import RewardActor
         from lockstep.actors.trainer import TrainerActor
-        from lockstep.controller.meshes import Meshes
 
         cfg, timeouts = self.config, self.config.loop.timeouts
         model_cfg = dataclasses.replace(cfg.model, path=self._model_dir)
-        self._meshes = meshes = Meshes(self.mesh_config)
+        meshes = self._meshes
         trainer = await meshes.spawn_role("trainer", TrainerActor, model_cfg, cfg.trainer, meshes.layout("trainer"))
         transport = weight_sync.transport_for(self.mesh_config.device, self.mesh_config.hosts)
         await weight_sync.start_store(await meshes.procs("trainer"), transport=transport)
@@ -343,7 +346,9 @@ class Session:
                 self.last_failure = e.failed
                 e.args = (f"{e} {await self._keep_failure(e.failed)}",)
             raise
-        except (MeshError, ActorTimeout):
+        except (MeshError, ActorTimeout) as e:
+            if (lost := await self._meshes.lost_host_error()) is not None:
+                raise lost from e  # a MeshError naming the host that is gone (run() restarts as for any)
             raise  # the meshes are broken: nothing to realign (run() restarts them)
         except Exception as e:
             try:  # e.g. trained but the sync failed, or a generator's weights differ: realign

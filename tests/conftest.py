@@ -32,3 +32,27 @@ def tb_scalars():
         return {tag: [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)] for tag in events.Tags()["scalars"]}
 
     return read
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (e.g. Monarch workers of simulated hosts, and their procs)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.fixture(scope="session")
+def descendants():
+    """descendants(pid): the processes a run started, to check with proc_gone that none outlives it."""
+    return _descendants

@@ -61,18 +61,21 @@ def test_two_cpu_procs_all_reduce_and_exit(proc_gone):
     assert all(proc_gone(r["pid"]) for r in results), "procs still alive after shutdown"
 
 
-def test_gpu_env_gives_each_role_its_own_gpus():
+def test_gpu_env_gives_each_role_its_own_gpus(tmp_path):
     cfg = load_mesh_config("h100x8")
     assert proc_env(cfg, "generator") == {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
     assert proc_env(cfg, "trainer") == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
     assert proc_env(cfg, "reward") == {"CUDA_VISIBLE_DEVICES": ""}
     assert proc_env(load_mesh_config("local-cpu"), "trainer") == {}
-
-
-def test_unsupported_launcher_fails_at_spawn_not_parse():
-    cfg = load_mesh_config("h100x16")  # parses fine
-    with pytest.raises(ValueError, match="^mesh config 'h100x16': launcher 'slurm' is not supported yet; only kind local"):
-        asyncio.run(Meshes(cfg).procs("trainer"))
+    h100x16 = load_mesh_config("h100x16")  # real hosts: each numbers its own GPUs from 0
+    assert proc_env(h100x16, "trainer", host=1) == proc_env(h100x16, "generator", host=0) == {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    # Simulated hosts share this machine's GPUs: host 1 takes the next 4.
+    path = tmp_path / "sim.yaml"
+    path.write_text("device: cuda\nhosts: 2\ngpus: 4\nlauncher: {kind: processes}\n"
+                    "generator: {dp: 2, hosts: [0]}\ntrainer: {dp: 4, hosts: [1]}\n")
+    sim = load_mesh_config(str(path))
+    assert proc_env(sim, "generator", host=0) == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    assert proc_env(sim, "trainer", host=1) == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 8, reason="this machine has 8 GPUs")
