@@ -1,7 +1,10 @@
 """controller/main.py as users run it: a script path, in a fresh process."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, m
 @pytest.mark.parametrize(
     "mesh, message",
     [
-        ("h100x16", "error: mesh config 'h100x16': launcher 'slurm' is not supported yet"),
+        ("h100x16", "error: mesh config 'h100x16': launcher slurm needs `sbatch`, not found here"),
         pytest.param(
             "h100x8", "error: mesh config 'h100x8' wants 8 GPUs but this machine has",
             marks=pytest.mark.skipif(torch.cuda.device_count() >= 8, reason="this machine has 8 GPUs"),
@@ -50,6 +53,8 @@ def test_a_mesh_this_machine_cannot_launch_is_one_line(tmp_path, monkeypatch, ca
     from lockstep.controller.main import main
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no SLURM here, even where there is
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert main(["--mesh", mesh, "--steps", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err]
@@ -92,6 +97,29 @@ def test_audit_of_a_run_without_a_halt_is_one_clear_line(tmp_path, capsys):
     assert err.startswith(f"error: lockstep audit --run {tmp_path}: no failing sample at") and "\n" not in err
 
 
+def test_dry_run_prints_the_placement_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    from lockstep.controller.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--mesh", "h100x16", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "mesh h100x16: 2 hosts x 8 GPUs = 16 GPUs, launcher slurm"
+    assert "  host 0: generator 8 procs (GPUs 0-7), reward 4 procs (CPU)" in out
+    assert "  host 1: trainer 8 procs (GPUs 0-7)" in out
+    rows = [line.split() for line in out if line.startswith(("generator ", "trainer ", "reward "))]
+    gpu_rows = {(role, host, gpu) for role, host, _, gpu, *_ in rows if gpu != "-"}
+    assert gpu_rows == {("generator", "0", str(g)) for g in range(8)} | {("trainer", "1", str(g)) for g in range(8)}
+    assert out[-1] == "dry run: nothing was started"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_worker_refuses_a_bind_address_that_is_not_an_ip(capsys):
+    from lockstep.controller.main import main
+
+    assert main(["worker", "--bind", "eth0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: lockstep worker --bind eth0: not an IP address (e.g. 0.0.0.0)"
+
+
 def test_console_entry_has_run_subcommand(capsys):
     from lockstep.controller.main import cli
 
@@ -131,3 +159,55 @@ def test_demo_trains_under_the_strict_barrier(tmp_path, tb_scalars):
     slope = ((steps - steps.mean()) * (rewards - rewards.mean())).sum() / ((steps - steps.mean()) ** 2).sum()
     assert slope > 0, rewards.tolist()
     assert rewards[-3:].mean() > rewards[:3].mean(), rewards.tolist()
+
+
+def _start_main(tmp_path: Path, *args: str, env: dict | None = None):
+    out = open(tmp_path / "out.log", "w")
+    proc = subprocess.Popen([sys.executable, str(MAIN), *args], cwd=tmp_path, stdout=out, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    return proc, tmp_path / "out.log"
+
+
+def _wait_for_line(proc, log: Path, prefix: str, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(line.startswith(prefix) for line in log.read_text().splitlines()):
+        assert proc.poll() is None, f"exited before {prefix!r}: {log.read_text()[-3000:]} {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {prefix!r} within {timeout_s} s"
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_two_simulated_hosts_train_under_the_strict_barrier(tmp_path, proc_gone, descendants):
+    """local-2host: generator and reward on host 0, FSDP trainer on host 1, each host a Monarch
+    worker process; weights cross hosts every step. Strict barrier: 0 differing tokens."""
+    proc, log = _start_main(tmp_path, "--mesh", "local-2host", "--steps", "3")
+    _wait_for_line(proc, log, "step    1 |")
+    started = descendants(proc.pid)  # 2 workers, 5 procs under them
+    assert len(started) >= 7, started
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log.read_text()[-3000:] + err[-3000:]
+    assert "lockstep: 3 steps, mean reward" in log.read_text()
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    scalars = _scalars(run_dir)
+    assert scalars["barrier/num_differing_tokens"] == [0.0] * 3
+    assert min(scalars["barrier/num_tokens"]) > 0
+    assert all(proc_gone(pid) for pid in started), "a worker or proc outlived the run"
+
+
+@pytest.mark.slow
+def test_a_simulated_host_that_dies_mid_run_is_one_line_and_leaves_nothing(tmp_path, proc_gone, descendants):
+    # Monarch notices a lost proc after this much silence (default 1 min); shorter for the test.
+    env = {"HYPERACTOR_MESH_GET_PROC_STATE_MAX_IDLE": "5s"}
+    proc, log = _start_main(tmp_path, "--mesh", "local-2host", "--steps", "20", env=env)
+    _wait_for_line(proc, log, "step    1 |")
+    started = descendants(proc.pid)
+    (host1,) = [pid for pid in started if "hosts_1" in open(f"/proc/{pid}/cmdline").read()]  # its worker
+    os.kill(host1, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, log.read_text()[-3000:] + err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith("error: host 1 of mesh 'local-2host' is gone: its worker at ipc://"), errors[0]
+    assert "(trainer ran there)" in errors[0]
+    assert "step   20 |" not in log.read_text()
+    assert all(proc_gone(pid) for pid in started), "a worker or proc outlived the run"
