@@ -211,8 +211,9 @@ async def _wait_reachable(cfg: MeshConfig, addresses: list[str]) -> None:
     waiting = set(range(len(addresses)))
     announced = False
     while True:
-        answers = await asyncio.gather(*(_answers(addresses[h]) for h in sorted(waiting)))
-        waiting -= {h for h, ok in zip(sorted(waiting), answers) if ok}
+        probed = sorted(waiting)
+        answers = await asyncio.gather(*(_answers(addresses[h]) for h in probed))
+        waiting -= {h for h, ok in zip(probed, answers) if ok}
         if not waiting:
             return
         if time.monotonic() > deadline:
@@ -239,13 +240,13 @@ async def _initialized(cfg: MeshConfig, mesh: HostMesh, addresses: list[str]) ->
 
 async def _answers(address: str) -> bool:
     """Whether a worker's channel accepts a connection (a dead worker's refuses, or its socket is gone)."""
-    scheme, _, rest = re.sub(r"^[\w-]*<[^>]*>@", "", address).partition("://")
+    scheme, _, rest = _channel(address).partition("://")
     try:
         if scheme == "ipc":
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(rest), PROBE_TIMEOUT_S)
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(rest), PROBE_TIMEOUT_S)
         elif scheme == "tcp":
             name, _, port = rest.rpartition(":")
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(name.strip("[]"), int(port)), PROBE_TIMEOUT_S)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(name.strip("[]"), int(port)), PROBE_TIMEOUT_S)
         else:
             return True  # not a channel we can probe: assume it is there
     except (OSError, asyncio.TimeoutError):
@@ -295,8 +296,13 @@ def _bracket(name: str) -> str:
     return f"[{name}]" if ":" in name else name  # an IPv6 literal
 
 
+def _channel(address: str) -> str:
+    """A worker's channel URL, without the service identity ProcessJob puts in front ("service<id>@")."""
+    return re.sub(r"^[\w-]*<[^>]*>@", "", address)
+
+
 def _show(address: str) -> str:
-    return re.sub(r"^[\w-]*<[^>]*>@", "", address) or "this machine"
+    return _channel(address) or "this machine"
 
 
 def _first_line(e: BaseException) -> str:

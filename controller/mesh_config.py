@@ -31,7 +31,9 @@ DEVICES = ("cpu", "cuda")
 LAUNCHERS = ("local", "processes", "slurm", "hosts")
 WORKER_LAUNCHERS = ("slurm", "hosts")  # hosts reached over TCP, where a Monarch worker listens
 DEFAULT_WORKER_PORT = 22222  # Monarch's own default (SlurmJob, SSHJob)
-DEFAULT_CONNECT_TIMEOUT_S = 300.0
+# Workers in a fresh SLURM allocation start with the job (imports on a shared filesystem can be
+# slow); `lockstep worker`s of kind hosts should already be up.
+DEFAULT_CONNECT_TIMEOUT_S = {"slurm": 300.0, "hosts": 60.0}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -48,7 +50,7 @@ class LauncherConfig:
     kind: str = "local"
     hosts: list[str] = field(default_factory=list)  # kind hosts: one address per mesh host
     port: int | None = None  # kinds slurm, hosts: where `lockstep worker` listens (default 22222)
-    connect_timeout_s: float | None = None  # kinds slurm, hosts: wait this long for every worker (default 300)
+    connect_timeout_s: float | None = None  # kinds slurm, hosts: wait this long for every worker (default 300, 60)
     partition: str | None = None  # kind slurm; unset: the cluster's default
     account: str | None = None  # kind slurm
     time_limit: str | None = None  # kind slurm, e.g. "04:00:00"
@@ -77,7 +79,7 @@ class LauncherConfig:
 
     @property
     def timeout_s(self) -> float:
-        return self.connect_timeout_s or DEFAULT_CONNECT_TIMEOUT_S
+        return self.connect_timeout_s or DEFAULT_CONNECT_TIMEOUT_S.get(self.kind, 60.0)
 
     def host_addresses(self) -> list[tuple[str, int]]:
         """kind hosts: (name, port) of each mesh host's worker."""

@@ -199,7 +199,7 @@ def test_a_simulated_host_that_dies_mid_run_is_one_line_and_leaves_nothing(tmp_p
     # Monarch notices a lost proc after this much silence (default 1 min); shorter for the test.
     env = {"HYPERACTOR_MESH_GET_PROC_STATE_MAX_IDLE": "5s"}
     proc, log = _start_main(tmp_path, "--mesh", "local-2host", "--steps", "20", env=env)
-    _wait_for_line(proc, log, "step    1 |")
+    _wait_for_line(proc, log, "lockstep: mesh local-2host")  # every mesh is up; step 1 is under way
     started = descendants(proc.pid)
     (host1,) = [pid for pid in started if "hosts_1" in open(f"/proc/{pid}/cmdline").read()]  # its worker
     os.kill(host1, signal.SIGKILL)
@@ -209,5 +209,5 @@ def test_a_simulated_host_that_dies_mid_run_is_one_line_and_leaves_nothing(tmp_p
     assert len(errors) == 1 and "Traceback" not in err, err
     assert errors[0].startswith("error: host 1 of mesh 'local-2host' is gone: its worker at ipc://"), errors[0]
     assert "(trainer ran there)" in errors[0]
-    assert "step   20 |" not in log.read_text()
+    assert "lockstep: 20 steps" not in log.read_text()
     assert all(proc_gone(pid) for pid in started), "a worker or proc outlived the run"
