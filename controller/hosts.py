@@ -1,6 +1,6 @@
 """The hosts of a run, through Monarch's job launchers (`monarch.job`), by `launcher.kind`:
 
-- local: LocalJob, this machine;
+- local: this machine (`this_host()`, as Monarch's LocalJob);
 - processes: ProcessJob, one Monarch worker process per simulated host, all on this machine;
 - slurm: outside an allocation, SlurmJob submits one job of `hosts` nodes (partition, account,
   time_limit and GPUs per node from the mesh config) and attaches to the workers it starts.
@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from monarch.actor import HostMesh, attach_to_workers, enable_transport
+from monarch.actor import HostMesh, attach_to_workers, enable_transport, this_host
 
 from lockstep.controller.handles import MeshError
 from lockstep.controller.mesh_config import ROLES, MeshConfig
@@ -75,7 +75,7 @@ def launch_plan(cfg: MeshConfig) -> list[str]:
     """How the hosts would be found (the first lines of --dry-run)."""
     launcher = cfg.launcher
     if launcher.kind == "local":
-        return ["this machine (Monarch LocalJob)"]
+        return ["this machine (Monarch's this_host())"]
     if launcher.kind == "processes":
         return [f"{cfg.hosts} Monarch worker processes on this machine, one per simulated host (ProcessJob)"]
     if launcher.kind == "hosts":
@@ -90,19 +90,12 @@ def launch_plan(cfg: MeshConfig) -> list[str]:
 
 async def open_hosts(cfg: MeshConfig) -> Hosts:
     """Find (and for processes / slurm, start) the mesh's hosts; wait until every one has joined."""
-    # Imported here, not at the top: every proc imports controller.meshes (for its bootstrap),
-    # hence this module, and monarch.job pulls in Flask, whose proxies break vLLM's scan of sys.modules.
-    from monarch.job import LocalJob, ProcessJob
-
-    # The jobs log each step of their bookkeeping at INFO; keep the console for the run's lines.
-    for name in ("monarch._src.job.job", "monarch._src.job.process"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     check_can_launch(cfg)
     kind = cfg.launcher.kind
     if kind == "local":
-        return Hosts(LocalJob().state(cached_path=None).hosts, [""])
+        return Hosts(this_host(), [""])  # what LocalJob gives, without importing monarch.job (below)
     if kind == "processes":
-        job = ProcessJob({HOSTS_DIM: cfg.hosts})
+        job = _jobs().ProcessJob({HOSTS_DIM: cfg.hosts})
         return await _start_job(cfg, job, lambda: _process_addresses(job, cfg.hosts))
     if kind == "slurm" and "SLURM_JOB_ID" not in os.environ:
         return await _submit_slurm(cfg)
@@ -129,8 +122,6 @@ async def _start_job(cfg: MeshConfig, job, addresses) -> Hosts:
 
 
 async def _submit_slurm(cfg: MeshConfig) -> Hosts:
-    from monarch.job import SlurmJob
-
     launcher = cfg.launcher
     where = f"mesh config {cfg.name!r}: launcher slurm"
     if shutil.which("sbatch") is None:
@@ -138,7 +129,7 @@ async def _submit_slurm(cfg: MeshConfig) -> Hosts:
             f"{where} needs `sbatch`, not found here; run on a SLURM login node, or inside an "
             "allocation (examples/slurm/lockstep.sbatch)"
         )
-    job = SlurmJob(
+    job = _jobs().SlurmJob(
         {HOSTS_DIM: cfg.hosts},
         python_exe=sys.executable,
         monarch_port=launcher.worker_port,
@@ -164,6 +155,18 @@ async def _submit_slurm(cfg: MeshConfig) -> Hosts:
         raise
     except Exception as e:  # e.g. the job failed or was cancelled in the queue (_start_job scancels it)
         raise HostError(f"{where}: {_first_line(e)}; {_check_hint(cfg)}") from None
+
+
+def _jobs():
+    """monarch.job, imported only when a job is launched: it pulls in Flask, whose proxies break
+    vLLM's scan of sys.modules in any process that later runs vLLM (every proc imports
+    controller.meshes, and tests run vLLM in the controller's process)."""
+    import monarch.job
+
+    # The jobs log each step of their bookkeeping at INFO; keep the console for the run's lines.
+    for name in ("monarch._src.job.job", "monarch._src.job.process"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return monarch.job
 
 
 def _allocation_nodes(cfg: MeshConfig) -> list[str]:

@@ -238,19 +238,47 @@ def test_inside_a_slurm_allocation_it_attaches_to_the_workers_on_its_nodes(tmp_p
         workers.stop()
 
 
-@pytest.mark.slow
-def test_a_session_runs_on_simulated_hosts(tmp_path, proc_gone, descendants):
-    """The notebook / Session path takes the same meshes: local-2host started in this process
-    (training on it, weights crossing hosts, is the CLI test's: test_main.py)."""
-    from lockstep import Session
+# Run in a subprocess (ProcessJob imports monarch.job, hence Flask, which breaks vLLM in the same
+# process): a Session on local-2host, as in a notebook.
+SESSION_SCRIPT = """
+import json, os, sys
+from lockstep import Session
 
-    before = descendants(os.getpid())
-    with Session(mesh="local-2host", echo=False, loop={"log_dir": str(tmp_path / "run")}) as session:
-        started = descendants(os.getpid()) - before  # 2 workers and the 5 procs under them
-        samples = session.generate(["3+4=", "2*5="], n=2)
-    assert len(started) >= 7, started
-    assert [(s.prompt_index, s.policy_version) for s in samples] == [(0, 0), (0, 0), (1, 0), (1, 0)]
-    assert all(proc_gone(pid) for pid in started), "a worker or proc outlived the session"
+def descendants(pid):
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+with Session(mesh="local-2host", echo=False, loop={"log_dir": sys.argv[1]}) as session:
+    started = descendants(os.getpid())
+    samples = session.generate(["3+4=", "2*5="], n=2)
+print(json.dumps({"started": started, "samples": [(s.prompt_index, s.policy_version) for s in samples]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_session_runs_on_simulated_hosts(tmp_path, proc_gone):
+    """The notebook / Session path takes the same meshes (training on them, weights crossing
+    hosts, is the CLI test's: test_main.py)."""
+    script = tmp_path / "session.py"
+    script.write_text(SESSION_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                            timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(out["started"]) >= 7, out  # 2 workers and the 5 procs under them
+    assert out["samples"] == [[0, 0], [0, 0], [1, 0], [1, 0]]
+    assert all(proc_gone(pid) for pid in out["started"]), "a worker or proc outlived the session"
 
 
 def test_the_sbatch_example_matches_the_mesh_it_runs():
