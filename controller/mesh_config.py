@@ -16,6 +16,7 @@ share theirs from GPU 0. `cfg.placement()` lists every proc (what --dry-run prin
 """
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -238,6 +239,7 @@ class MeshConfig:
         return max(counts, default=0) if self.colocate else sum(counts)
 
     def gpus_per_proc(self, role: str) -> int:
+        """GPUs each proc of `role` uses: 1 for the generator and trainer, reward.gpus for reward."""
         if self.device != "cuda":
             return 0
         return self.reward.gpus if role == "reward" else 1
@@ -372,11 +374,11 @@ def _check_hosts(hosts: list[int]) -> None:
 
 
 def _split_address(address: str, default_port: int) -> tuple[str, int]:
-    """"node-a" or "node-a:22222" -> (name, port)."""
-    name, sep, port = address.rpartition(":") if ":" in address else (address, "", "")
-    if not name or "/" in address or (sep and not port.isdigit()) or (port and not 0 < int(port) < 65536):
+    """"node-a", "node-a:22222", "[fd00::1]:22222" -> (name, port)."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:/\[\]\s]+)(?::(\d+))?", address)
+    if match is None or (match[2] and not 0 < int(match[2]) < 65536):
         raise ValueError(f"host address {address!r} must be NAME or NAME:PORT (e.g. node-a or node-a:22222)")
-    return name, int(port) if port else default_port
+    return match[1].strip("[]"), int(match[2]) if match[2] else default_port
 
 
 def _listed(keys: list[str]) -> str:
