@@ -177,7 +177,7 @@ def _wait_for_line(proc, log: Path, prefix: str, timeout_s: float = 900) -> None
 
 
 @pytest.mark.slow
-def test_two_simulated_hosts_train_under_the_strict_barrier(tmp_path, proc_gone, descendants):
+def test_two_simulated_hosts_train_under_the_strict_barrier(tmp_path, proc_gone, descendants, tb_scalars):
     """local-2host: generator and reward on host 0, FSDP trainer on host 1, each host a Monarch
     worker process; weights cross hosts every step. Strict barrier: 0 differing tokens."""
     proc, log = _start_main(tmp_path, "--mesh", "local-2host", "--steps", "3")
@@ -188,7 +188,7 @@ def test_two_simulated_hosts_train_under_the_strict_barrier(tmp_path, proc_gone,
     assert proc.returncode == 0, log.read_text()[-3000:] + err[-3000:]
     assert "lockstep: 3 steps, mean reward" in log.read_text()
     (run_dir,) = (tmp_path / "runs").iterdir()
-    scalars = _scalars(run_dir)
+    scalars = tb_scalars(run_dir)
     assert scalars["barrier/num_differing_tokens"] == [0.0] * 3
     assert min(scalars["barrier/num_tokens"]) > 0
     assert all(proc_gone(pid) for pid in started), "a worker or proc outlived the run"
