@@ -160,6 +160,10 @@ async def stop_store(timeout_s: float = 60.0) -> None:
         await asyncio.wait_for(ts.shutdown(STORE_NAME), timeout_s)
     except asyncio.TimeoutError:
         raise RuntimeError(f"torchstore did not shut down within {timeout_s:.0f} s (are the volume procs gone?)") from None
+    finally:
+        # A shutdown that failed (its volume procs died) leaves torchstore's cached client
+        # pointing at them; the next start_store (a restart) must not reuse it.
+        ts.reset_client(STORE_NAME)
 
 
 # Trainer side: the CUDA buffers whose handles are in the store, by version (they must outlive

@@ -400,6 +400,8 @@ class Session:
 
     def _restart(self, error: Exception) -> None:
         """Respawn every mesh and load the last checkpoint; re-raises `error` if it may not."""
+        if self._meshes is not None:  # a host that is gone (e.g. during a save): name it
+            error = self._thread.run(self._meshes.lost_host_error()) or error
         path = checkpoint.latest(self.config.loop.checkpoint_dir)
         if self._num_restarts >= self.config.loop.max_restarts:
             raise error
