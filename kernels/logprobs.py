@@ -121,7 +121,9 @@ def _(grad, logp, temperature, dtype):
 
 @torch.library.custom_op("lockstep::token_logprobs_backward", mutates_args=())
 def _token_logprobs_backward_op(grad: Tensor, logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
-    return token_logprobs_backward_reference(grad, logits, ids, temperature)
+    fn = triton_fn("logprobs", "token_logprobs_bwd") if logits.is_cuda else None
+    return fn(grad, logits, ids, temperature) if fn is not None else token_logprobs_backward_reference(
+        grad, logits, ids, temperature)
 
 
 @_token_logprobs_backward_op.register_fake

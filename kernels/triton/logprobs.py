@@ -7,6 +7,8 @@ One program per row (README.md):
       `lockstep.kernels._tree.tree_fold` (leaves in a perfect tree of next_pow2(num_tiles) slots,
       empty slots zero, then pairwise sums level by level),
 logp = (z - m) - log(s). token_logprobs reads the logits once; log_softmax twice (it writes).
+token_logprobs' backward recomputes (m, log s) the same way, then writes
+  dlogits = (onehot(id) * g - exp(logp) * g) / temperature   (two reads, one write per row; no atomics).
 A vocab shard of whole tiles sums a subtree once it knows m (vocab parallel: all-reduce the max,
 which is exact, then gather the subtree sums).
 """
@@ -86,6 +88,25 @@ def _token_logprobs_kernel(x_ptr, ids_ptr, out_ptr, slot_ptr, scratch_ptr, V, te
     tl.store(out_ptr + row, (z - m) - log_s)
 
 
+@triton.jit
+def _token_logprobs_bwd_kernel(grad_ptr, x_ptr, ids_ptr, out_ptr, slot_ptr, scratch_ptr, V, temperature, stride_x,
+                               stride_out, NUM_TILES: tl.constexpr, NUM_SLOTS: tl.constexpr, LOG_SLOTS: tl.constexpr,
+                               TILE: tl.constexpr, STEP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    m, log_s = _row_stats(x_row, slot_ptr, scratch_ptr + row * (2 * NUM_SLOTS), V, temperature,
+                          NUM_TILES, NUM_SLOTS, LOG_SLOTS, TILE, STEP)
+    g = tl.load(grad_ptr + row).to(tl.float32)
+    token = tl.load(ids_ptr + row).to(tl.int64)
+    for v0 in range(0, V, TILE * STEP):
+        offs = v0 + tl.arange(0, TILE * STEP)
+        z = tl.div_rn(tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32), temperature)
+        gz = -(tl.exp((z - m) - log_s) * g)
+        gz = tl.where(offs == token, gz + g, gz)
+        dx = tl.div_rn(gz, temperature)
+        tl.store(out_ptr + row * stride_out + offs, dx.to(out_ptr.dtype.element_ty), mask=offs < V)
+
+
 def _prepare(logits2d: torch.Tensor, temperature: float):
     if logits2d.dim() != 2 or logits2d.shape[1] == 0:
         raise ValueError(f"logprobs: logits2d must be [T, V] with V > 0, got {tuple(logits2d.shape)}")
@@ -118,4 +139,18 @@ def token_logprobs_fwd(logits2d: torch.Tensor, ids: torch.Tensor, temperature: f
     if logits2d.shape[0]:
         _token_logprobs_kernel[(logits2d.shape[0],)](logits2d, ids.contiguous(), out, slots, scratch, logits2d.shape[1],
                                                      float(temperature), logits2d.stride(0), **meta)
+    return out
+
+
+def token_logprobs_bwd(grad: torch.Tensor, logits2d: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """d/dlogits of sum(grad * token_logprobs(logits, ids)): [T, V] in the logits' dtype."""
+    logits2d, slots, scratch, meta = _prepare(logits2d, temperature)
+    if ids.shape != (logits2d.shape[0],) or grad.shape != (logits2d.shape[0],):
+        raise ValueError(f"token_logprobs backward: ids and grad must be [T={logits2d.shape[0]}], "
+                         f"got {tuple(ids.shape)} and {tuple(grad.shape)}")
+    out = torch.empty(logits2d.shape, dtype=logits2d.dtype, device=logits2d.device)
+    if logits2d.shape[0]:
+        _token_logprobs_bwd_kernel[(logits2d.shape[0],)](grad.contiguous(), logits2d, ids.contiguous(), out, slots,
+                                                         scratch, logits2d.shape[1], float(temperature),
+                                                         logits2d.stride(0), out.stride(0), **meta)
     return out

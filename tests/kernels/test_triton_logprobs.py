@@ -25,3 +25,28 @@ def test_logprobs_invariant_accurate_and_routed(vocab, temperature):
     assert (logp.double() - ref).abs().max().item() < 1e-4  # fp32 sums over <= 152K terms
     assert torch.equal(kernels.token_logprobs(logits, ids, temperature), tok)
     assert torch.equal(kernels.log_softmax(logits, temperature), logp)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_backward_is_deterministic_accurate_and_routed(dtype, temperature):
+    from lockstep import kernels
+    from lockstep.kernels.triton import logprobs
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    vocab = 151936
+    logits = (torch.randn(33, vocab, device="cuda", generator=gen) * 4).to(dtype)
+    ids = torch.randint(0, vocab, (33,), device="cuda", generator=gen)
+    grad = torch.randn(33, device="cuda", generator=gen)
+    dx = logprobs.token_logprobs_bwd(grad, logits, ids, temperature)
+    assert dx.dtype == dtype and torch.equal(logprobs.token_logprobs_bwd(grad, logits, ids, temperature), dx)
+    idx = torch.tensor([5, 0, 32], device="cuda")
+    assert torch.equal(logprobs.token_logprobs_bwd(grad[idx], logits[idx], ids[idx], temperature), dx[idx])
+    x64 = logits.double().requires_grad_()
+    picked = torch.log_softmax(x64 / temperature, dim=-1).gather(1, ids[:, None])[:, 0]
+    (picked * grad.double()).sum().backward()
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16 output rounding of values up to ~|grad|
+    assert (dx.double() - x64.grad).abs().max().item() < tol * grad.abs().max().item()
+    x = logits.clone().requires_grad_()
+    (kernels.token_logprobs(x, ids, temperature) * grad).sum().backward()
+    assert torch.equal(x.grad, dx)
