@@ -12,9 +12,13 @@ query's bits do not depend on the rows it shares a program with: a query at posi
 the same output in a full prefill, a chunked prefill and a one-token decode, in any batch.
 Decode batches (no more query tokens than sequences) run one program per (sequence, kv head)
 walking the sequence's query tiles, which spares the search over cu_q; other batches one
-program per (query tile, kv head). Same tiles and code either way. No split over KV (a long
-decode runs on B * Hkv programs; 64-row tiles on one warpgroup would waste less of each MMA
-at decode but spill 4x more registers, measured by compiling for sm_90).
+program per (query tile, kv head). Decode programs hold 64 rows on one warpgroup (4 warps)
+instead of 128 on two: each warp still owns 16 rows with the same wgmma instruction shape
+and the same split of keys over its lanes, so every row's dots, maxima and sums are the
+same operations in the same order (tested bit-equal), while two decode programs fit on an
+SM where one did (decode is latency-bound: a sequence has few KV tiles). No split over KV:
+at decode the programs are short chains of dependent tile loads, and a split would need the
+prefill path to merge partials the same way.
 
 Backward (varlen only): flash-style recompute from lse; dK/dV by one program per KV tile
 walking the query tiles in order, dQ by one program per query tile walking the KV tiles in
@@ -32,7 +36,10 @@ _FWD = {
     torch.float16: (128, 64, 8, "tf32"),
     torch.float32: (64, 32, 4, "tf32x3"),  # fp32-accurate products on tensor cores
 }
+# Decode launches: the same per-warp layout as _FWD on half the warps (module docstring).
+_DECODE = {dtype: (64, block_n, 4, precision) for dtype, (_, block_n, _, precision) in _FWD.items()}
 _FWD_STAGES = 3  # software pipelining depth (speed only; measured on H200, benchmarks/kernels.py --sweep)
+_DECODE_STAGES = 2  # two decode programs per SM fit in shared memory (2 x 80 KB)
 _BWD_STAGES = 2
 # Backward: (rows per query tile = keys per KV tile, warps, dot precision).
 _BWD = {
@@ -327,7 +334,7 @@ def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scal
         return out
     if decode is None:
         decode = num_tokens <= num_seqs
-    block_m, block_n, num_warps, precision = _FWD[q.dtype]
+    block_m, block_n, num_warps, precision = (_DECODE if decode else _FWD)[q.dtype]
     if decode:
         grid = (num_seqs, num_kv_heads)
     else:
@@ -339,7 +346,7 @@ def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scal
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         STORE_LSE=lse is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, SEQ_MAJOR=decode,
-        num_warps=num_warps, num_stages=_FWD_STAGES)
+        num_warps=num_warps, num_stages=_DECODE_STAGES if decode else _FWD_STAGES)
     return out
 
 

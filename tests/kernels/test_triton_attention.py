@@ -109,7 +109,8 @@ def test_prefill_chunked_decode_and_batch_give_the_same_bits(dtype, hq, hkv, d):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sequence_major_grid_gives_the_same_bits(dtype):
-    """The decode grid (a program per sequence) on a prefill batch equals the query-tile grid."""
+    """The decode launch (a program per sequence, 64-row tiles on one warpgroup) on a prefill batch
+    equals the query-tile launch (128-row tiles on two)."""
     attn = _attn()
     lens = [300, 1, 129, 64]
     q, k, v = _qkv(sum(lens), 16, 8, 128, dtype, seed=6)
