@@ -31,6 +31,7 @@ sys.path.append(_HERE)
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -41,7 +42,7 @@ from lockstep_bench import environment, gpu_slug, run_part, spawn  # noqa: E402
 HERE = Path(_HERE)
 IMPLS = ("lockstep", "stock")
 BARRIER = {"lockstep": "strict", "stock": "measure"}
-PHASES = ("generate", "reward", "score", "train", "sync", "step")
+PHASES = ("verify", "generate", "reward", "score", "train", "sync", "step")
 # Qwen3 shapes come from lockstep.models.tiny.QWEN3_SHAPES; `cpu-medium` (~40M parameters) is
 # big enough on 2 CPU cores that weight bytes, not calls, dominate a sync.
 CPU_SHAPES = {
@@ -110,13 +111,16 @@ def run_one(args) -> dict:
 # --- the driver ---------------------------------------------------------------------------
 
 
-def run_in_process(args, shape: str, impl: str, ckpt: Path, prompts: Path, timeout_s: float) -> dict:
-    print(f"\n=== {shape} {impl} (loop.barrier={BARRIER[impl]}) on {args.mesh} ===", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--only", impl, "--ckpt", str(ckpt), "--prompts", str(prompts), "--log-dir", str(Path(tmp) / "run"),
-                "--mesh", args.mesh, "--shape", shape, "--dtype", args.dtype, "--steps", str(args.steps),
-                "--warmup", str(args.warmup), "--max-tokens", str(args.work["max_tokens"])]
-        return spawn(__file__, argv + (["--smoke"] if args.smoke else []), timeout_s)
+def run_in_process(args, shape: str, impl: str, ckpt: Path, prompts: Path, run_dir: Path, timeout_s: float) -> dict:
+    print(f"\n=== {shape} {impl} (loop.barrier={BARRIER[impl]}) on {args.mesh}, logs in {run_dir} ===", flush=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of the last one
+    argv = ["--only", impl, "--ckpt", str(ckpt), "--prompts", str(prompts), "--log-dir", str(run_dir),
+            "--mesh", args.mesh, "--shape", shape, "--dtype", args.dtype, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--max-tokens", str(args.work["max_tokens"])]
+    result = spawn(__file__, argv + (["--smoke"] if args.smoke else []), timeout_s)
+    if "error" not in result:
+        shutil.rmtree(run_dir, ignore_errors=True)  # kept only when it failed: `lockstep audit --run` reads it
+    return result
 
 
 def table(report: dict) -> str:
@@ -189,7 +193,8 @@ def drive(args) -> dict:
             if left < 30:
                 entry["impls"][impl] = {"error": "skipped: out of --time-budget"}
                 continue
-            entry["impls"][impl] = run_in_process(args, shape, impl, ckpt, prompts, left)
+            run_dir = workdir / "runs" / f"{args.mesh}-{shape}-{impl}"
+            entry["impls"][impl] = run_in_process(args, shape, impl, ckpt, prompts, run_dir, left)
             out.write_text(json.dumps(report, indent=2) + "\n")  # a run cut short keeps the rest
     return report
 
