@@ -317,7 +317,8 @@ async def _manifest(client, version: int) -> dict:
 
 FINGERPRINT_MODULUS = 2**31 - 1  # a prime; a weight A*(i+1) is 0 mod M only at i = M-1
 _INDEX_MUL = 1_103_515_245
-_CHUNK_ELEMENTS = 1 << 18  # words per pass: one reused int64 buffer that stays in cache
+_CHUNK_ELEMENTS = 1 << 18  # words per pass on CPU: one reused int64 buffer that stays in cache
+_CUDA_CHUNK_ELEMENTS = 1 << 24  # on a GPU: 128 MiB of int64; small passes cost a launch each
 _WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
@@ -361,7 +362,8 @@ def _block_checksum(local: torch.Tensor, global_shape: tuple[int, ...], offset: 
     word_mask = (1 << (8 * local.element_size())) - 1
     strides = [math.prod(global_shape[d + 1:]) for d in range(len(global_shape))]
     row_numel = max(1, words[0].numel())
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // row_numel)
+    chunk_elements = _CUDA_CHUNK_ELEMENTS if words.is_cuda else _CHUNK_ELEMENTS
+    rows_per_chunk = max(1, chunk_elements // row_numel)
     buffer = torch.empty(min(rows_per_chunk, words.shape[0]) * row_numel, dtype=torch.int64, device=words.device)
     # sum_i bits_i * (i + 1) = sum(bits) + sum_d stride_d * sum_k coordinate_k * (bits summed
     # over the other axes). Every term is reduced mod M before it can leave int64; it stays on

@@ -257,9 +257,11 @@ def _reference_checksum(t: torch.Tensor) -> int:
     return sum((b & mask) * (weight_sync._INDEX_MUL * (i + 1) % m) for i, b in enumerate(words.flatten().tolist())) % m
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 1000])  # one pass per tensor (as on a GPU), or several
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_fingerprint_is_the_sum_of_its_shards(dtype):
-    t = torch.randn(9, 700, generator=torch.Generator().manual_seed(0)).to(dtype)  # > one chunk of words
+def test_fingerprint_is_the_sum_of_its_shards(dtype, chunk, monkeypatch):
+    monkeypatch.setattr(weight_sync, "_CHUNK_ELEMENTS", chunk)
+    t = torch.randn(9, 700, generator=torch.Generator().manual_seed(0)).to(dtype)
     (_, _, full), = weight_sync.fingerprint({"w": t}, 0).tensors.values()
     assert full == _reference_checksum(t)
     m, block = weight_sync.FINGERPRINT_MODULUS, weight_sync._block_checksum
