@@ -8,8 +8,8 @@ Tokens are packed: `forward(tokens[T], positions[T], attn_meta) -> hidden[T, H]`
 batch dimension. Module names follow TorchTitan's Qwen3 (tok_embeddings, layers["0"..],
 norm, output; attention.{wq,wk,wv,wo,q_norm,k_norm}, feed_forward.{w1,w2,w3},
 attention_norm, ffn_norm), so TorchTitan's state-dict adapter and FSDP apply functions
-work on this model unchanged. The model holds no parallelism: head counts are read back
-from the weight shapes, so a TP-sharded weight just yields fewer local heads.
+work on this model unchanged. The model holds no parallelism: parallelize.py makes an
+instance one rank of a TP group (sharding.py's layout), setting its local head widths.
 
 Injectable attention (how vLLM plugs in its paged KV cache):
 
@@ -200,6 +200,9 @@ class Attention(nn.Module):
         super().__init__()
         hidden, head_dim = config.hidden_size, config.head_dim
         self.head_dim = head_dim
+        # This rank's q and k/v widths (all heads here; parallelize.py sets a TP rank's share).
+        self.num_q_features = config.num_heads * head_dim
+        self.num_kv_features = config.num_kv_heads * head_dim
         self.wq = Linear(hidden, config.num_heads * head_dim, bias=False)
         self.wk = Linear(hidden, config.num_kv_heads * head_dim, bias=False)
         self.wv = Linear(hidden, config.num_kv_heads * head_dim, bias=False)
@@ -214,8 +217,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope_cache, positions, attn_meta) -> torch.Tensor:
         num_tokens, head_dim = x.shape[0], self.head_dim
-        # Local widths from the weights, so a TP-sharded wq/wk/wv needs no change here.
-        num_q, num_kv = self.wq.weight.shape[0], self.wk.weight.shape[0]
+        num_q, num_kv = self.num_q_features, self.num_kv_features
         qkv = self.qkv(x)  # [T, num_q + 2 * num_kv]
         q = qkv[:, :num_q].view(num_tokens, -1, head_dim)  # [T, Hq, D], views into qkv
         k = qkv[:, num_q : num_q + num_kv].view(num_tokens, -1, head_dim)  # [T, Hkv, D]
