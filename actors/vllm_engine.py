@@ -120,11 +120,6 @@ def engine_args(model_cfg, gen_cfg: GeneratorConfig, device_type: str, tp: int =
         # Whole decode steps as CUDA graphs, no torch.compile (our model is custom ops end to end).
         args["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
     if model_cfg.impl == "lockstep":
-        if tp > 1:
-            raise NotImplementedError(
-                f"model.impl=lockstep with generator tp={tp} is not supported yet: "
-                "use tp=1 (more dp replicas) or model.impl=stock"
-            )
         args["hf_overrides"] = {"architectures": [ARCHITECTURE]}
     if device_type == "cpu":
         with open(os.path.join(path, "config.json")) as f:

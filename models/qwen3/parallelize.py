@@ -249,12 +249,13 @@ def parallelize(model: Qwen3Model, comm) -> Qwen3Model:
     return model
 
 
-def local_shapes(model: Qwen3Model, tp_rank: int, tp_size: int) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Parameter name -> (this rank's shape, first row in the full tensor)."""
-    num_kv = model.config.num_kv_heads
+def local_shapes(config, tp_rank: int, tp_size: int) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Parameter name -> (rank `tp_rank`'s shape, its first row in the full tensor)."""
+    with torch.device("meta"):
+        full = Qwen3Model(config)
     out = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        start, num_rows = tp_rows(name, p.shape[0], tp_rank, tp_size, num_kv)
+    for name, p in full.named_parameters(remove_duplicate=False):
+        start, num_rows = tp_rows(name, p.shape[0], tp_rank, tp_size, config.num_kv_heads)
         out[name] = ((num_rows, *p.shape[1:]), start)
     return out
 
@@ -263,7 +264,7 @@ def local_shapes(model: Qwen3Model, tp_rank: int, tp_size: int) -> dict[str, tup
 def shard_parameters(model: Qwen3Model, tp_rank: int, tp_size: int, device, dtype: torch.dtype) -> None:
     """Give every parameter of a (meta-built) model this rank's shape, uninitialized, on
     `device`: the generator's way to hold only its shard. Tied weights stay tied."""
-    shapes = local_shapes(model, tp_rank, tp_size)
+    shapes = local_shapes(model.config, tp_rank, tp_size)
     for name, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
             full_name = f"{name}.{pname}" if name else pname

@@ -4,6 +4,12 @@ The wrapper adds nothing numerical: vLLM calls `forward` and `compute_logits`, w
 our model and its fp32 `logits()`; the only vLLM piece inside is `PagedAttention`, vLLM's
 `Attention` layer bound to our backend (attention_backend.py), so vLLM keeps scheduling,
 the paged KV cache, continuous batching and sampling.
+
+Tensor parallel (tensor_parallel_size > 1, one vLLM rank per Monarch proc through the
+external launcher): the rank and group come from vLLM's parallel state, the model holds only
+this rank's rows (models/qwen3/sharding.py) and runs parallelize.py's forwards over vLLM's
+TP communicator (graph-capturable on GPU). `compute_logits` returns the full fp32 logits row
+on every rank, so sampling and logprobs see what one rank would.
 """
 
 from collections.abc import Iterable
@@ -13,7 +19,9 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
 
-from lockstep.models.qwen3 import Qwen3Config, Qwen3Model, from_hf
+from lockstep.models.qwen3 import Qwen3Config, Qwen3Model, from_hf, tp_shard
+from lockstep.models.qwen3.parallelize import local_shapes, parallelize, shard_parameters
+from lockstep.models.qwen3.sharding import check_tp
 
 from .plugin import backend_class
 
@@ -39,35 +47,68 @@ def qwen3_config(vllm_config: VllmConfig) -> Qwen3Config:
     return Qwen3Config.from_hf(hf)
 
 
+class VllmTPComm:
+    """vLLM's TP GroupCoordinator as parallelize.py's comm (its collectives are the ones vLLM
+    captures in CUDA graphs)."""
+
+    def __init__(self):
+        from vllm.distributed import get_tp_group
+
+        self.group = get_tp_group()
+        self.rank, self.size = self.group.rank_in_group, self.group.world_size
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return self.group.all_gather(x.contiguous(), dim)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce(x.clone())
+
+
 class LockstepQwen3ForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-            raise NotImplementedError(
-                "model.impl=lockstep inside vLLM does not support tensor/pipeline parallelism yet: "
-                "use one GPU per generator replica, or model.impl=stock"
-            )
+        if parallel.pipeline_parallel_size > 1:
+            raise NotImplementedError("model.impl=lockstep inside vLLM has no pipeline parallelism: use tp and dp")
         self.config = qwen3_config(vllm_config)
+        self.tp_size = parallel.tensor_parallel_size
+        check_tp(self.config, self.tp_size, field="generator layout tp")
+        self.comm = VllmTPComm() if self.tp_size > 1 else None
+        self.tp_rank = self.comm.rank if self.comm else 0
         backend = backend_class()
         cache_config = vllm_config.cache_config
         model_prefix = f"{prefix}.{MODEL_PREFIX}" if prefix else MODEL_PREFIX
+        device, dtype = torch.get_default_device(), torch.get_default_dtype()
+        tp, num_kv = self.tp_size, self.config.num_kv_heads
 
         def attn_factory(layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
-            return PagedAttention(
-                num_heads=num_heads,
-                head_size=head_dim,
-                scale=scale,
-                num_kv_heads=num_kv_heads,
-                cache_config=cache_config,
-                # The module's real path: vLLM finds layers and binds KV caches by it.
-                prefix=f"{model_prefix}.layers.{layer_id}.attention.inner_attention",
-                attn_backend=backend,
-            )
+            with torch.device(device):  # outside the meta device the model is built under
+                return PagedAttention(
+                    num_heads=num_heads // tp,
+                    head_size=head_dim,
+                    scale=scale,
+                    num_kv_heads=max(1, num_kv_heads // tp),  # tp > num_kv_heads: one KV head, replicated
+                    cache_config=cache_config,
+                    # The module's real path: vLLM finds layers and binds KV caches by it.
+                    prefix=f"{model_prefix}.layers.{layer_id}.attention.inner_attention",
+                    attn_backend=backend,
+                )
 
-        self.model = Qwen3Model(self.config, attn_factory=attn_factory)
+        if tp == 1:
+            self.model = Qwen3Model(self.config, attn_factory=attn_factory)
+        else:
+            # Built on meta, then only this rank's rows are allocated (weights come in load_weights).
+            with torch.device("meta"):
+                self.model = Qwen3Model(self.config, attn_factory=attn_factory)
+            shard_parameters(self.model, self.tp_rank, tp, device, dtype)
+            parallelize(self.model, self.comm)
         self.model.pack_projections()  # q/k/v and gate/up: one launch each
 
+    def full_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """TorchTitan name -> (full shape, offsets of this rank's block in it)."""
+        full = local_shapes(self.config, 0, 1)
+        mine = local_shapes(self.config, self.tp_rank, self.tp_size)
+        return {name: (shape, (mine[name][1], *(0,) * (len(shape) - 1))) for name, (shape, _) in full.items()}
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(input_ids)
 
@@ -109,6 +150,8 @@ class LockstepQwen3ForCausalLM(nn.Module):
             )
         for name, param in params.items():
             src = state_dict[name]
+            if src.shape != param.shape and self.tp_size > 1:  # a full tensor: this rank's rows
+                src = tp_shard(name, src, self.tp_rank, self.tp_size, self.config.num_kv_heads)
             if src.shape != param.shape:
                 raise ValueError(f"weight {name} has shape {tuple(src.shape)}, the model wants {tuple(param.shape)}")
             if src.data_ptr() != param.data_ptr():

@@ -73,8 +73,10 @@ def test_engine_args_follow_the_parity_rules(tmp_path):
     assert (stock["tensor_parallel_size"], stock["data_parallel_size"]) == (2, 2)
     assert stock["distributed_executor_backend"] == "external_launcher"
 
-    with pytest.raises(NotImplementedError, match="impl=lockstep with generator tp=2"):
-        engine_args(ModelConfig(path=str(path)), gen_cfg, "cuda", tp=2)
+    # lockstep's Qwen3 is tensor-parallel inside vLLM too: one vLLM rank per Monarch proc.
+    ours = engine_args(ModelConfig(path=str(path)), gen_cfg, "cuda", tp=2)
+    assert ours["hf_overrides"] == {"architectures": [ARCHITECTURE]} and ours["tensor_parallel_size"] == 2
+    assert ours["distributed_executor_backend"] == "external_launcher"
 
 
 def test_request_seeds_are_deterministic_and_distinct():

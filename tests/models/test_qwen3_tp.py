@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lockstep.models import ModelConfig, build_model
-from lockstep.models.qwen3 import Qwen3Config, VarlenMeta, token_logprobs_packed, tp_shard
+from lockstep.models.qwen3 import Qwen3Config, Qwen3Model, VarlenMeta, token_logprobs_packed, tp_shard
 from lockstep.models.qwen3.parallelize import TPComm, parallelize
 from lockstep.models.tiny import write_tiny_checkpoint
 
@@ -48,17 +48,23 @@ def run_step(model, temperature=0.7):
     return logits.detach(), logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, size: int, init_file: str, paths: dict) -> None:
+def build(config, state_dict):
+    model = Qwen3Model(config)
+    model.load_state_dict(state_dict)
+    model.tie_weights()
+    return model
+
+
+def _worker(rank: int, size: int, init_file: str, models: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
     try:
         comm = TPComm()
-        for dtype, path in paths.items():
-            cfg = ModelConfig(path=path, dtype=dtype)
-            ref_logits, ref_logprobs, ref_grads = run_step(build_model(cfg, "cpu"))
+        for dtype, (config, state_dict) in models.items():
+            ref_logits, ref_logprobs, ref_grads = run_step(build(config, state_dict))
             results = []
             for _ in range(2):  # the backward must repeat bit for bit
-                model = build_model(cfg, "cpu")
+                model = build(config, state_dict)
                 shard_whole_model(model, rank, size)
                 parallelize(model, comm)
                 results.append(run_step(model))
@@ -84,7 +90,12 @@ def tp_checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("size", [2, 4])
 def test_tp_forward_logprobs_and_grads_equal_tp1(size, tp_checkpoints, tmp_path):
-    mp.spawn(_worker, args=(size, str(tmp_path / "pg"), tp_checkpoints), nprocs=size, join=True)
+    # Loaded here, so the procs start without TorchTitan (the HF name table): seconds each.
+    models = {}
+    for dtype, path in tp_checkpoints.items():
+        model = build_model(ModelConfig(path=path, dtype=dtype), "cpu")
+        models[dtype] = (model.config, model.state_dict())
+    mp.spawn(_worker, args=(size, str(tmp_path / "pg"), models), nprocs=size, join=True)
 
 
 def test_tp_rejects_layouts_that_do_not_split(tp_checkpoints):
