@@ -76,7 +76,7 @@ class Generator:
         configure_process(device_type, tp, model_cfg.impl)
         from vllm import LLM
 
-        self.model_cfg, self.gen_cfg, self.replica = model_cfg, gen_cfg, replica
+        self.model_cfg, self.gen_cfg, self.replica, self.tp = model_cfg, gen_cfg, replica, tp
         self.graphs = uses_cuda_graphs(gen_cfg, device_type)
         self.llm = LLM(**engine_args(model_cfg, gen_cfg, device_type, tp, dp))
         self.version = 0
@@ -180,7 +180,12 @@ class Generator:
 
         if self.model_cfg.impl != "lockstep":
             raise ValueError("weight fingerprints read lockstep's Qwen3 by HF name; they need model.impl=lockstep")
-        return fingerprint(self.weight_buffers(), self.version)
+        group = None
+        if self.tp > 1:  # LocalShards: summed over this replica's TP ranks (every rank calls)
+            from vllm.distributed import get_tp_group
+
+            group = get_tp_group().cpu_group
+        return fingerprint(self.weight_buffers(), self.version, group)
 
     def _check_version(self, expected_version: int) -> None:
         if expected_version != self.version:
@@ -205,14 +210,23 @@ class Generator:
         """The nn.Module vLLM runs (in-process engine)."""
         return self.llm.apply_model(lambda model: model)[0]
 
-    def weight_buffers(self) -> dict[str, torch.Tensor]:
-        """HF name -> tensor to pull into. lockstep: the live parameters (an in-place pull);
-        stock: fresh CPU buffers shaped like the checkpoint (vLLM's own loader then fuses them)."""
+    def weight_buffers(self) -> dict:
+        """HF name -> tensor to pull into. lockstep: the live parameters (an in-place pull),
+        under TP each rank's rows as a `LocalShard` (so it pulls only those); stock: fresh CPU
+        buffers shaped like the checkpoint (vLLM's own loader then fuses and shards them)."""
         if self.model_cfg.impl == "lockstep":
             from lockstep.models.qwen3 import to_hf
 
             model = self.model()
-            return to_hf(model.native_parameters(), model.config)
+            params = model.native_parameters()
+            if model.tp_size > 1:
+                from lockstep.actors.weight_pack import LocalShard
+
+                layout = model.full_shapes()
+                first_holder = _first_holders(model)
+                params = {name: LocalShard(p, layout[name][1], layout[name][0], first_holder[name])
+                          for name, p in params.items()}
+            return to_hf(params, model.config)
         from safetensors import safe_open
 
         from lockstep.models import checkpoint_path
@@ -254,7 +268,18 @@ class Generator:
         buffers = await run(self.weight_buffers)
         self.version = -1  # an in-place pull overwrites the live weights as it goes
         pulled = await pull_state_dict(version, buffers, inplace=True)
+        pulled = {name: getattr(t, "local", t) for name, t in pulled.items()}  # LocalShard -> its rows
         await run(self.load_hf_weights, pulled, version)
+
+
+def _first_holders(model) -> dict[str, bool]:
+    """Whether this TP rank is the first to hold its rows of each weight (replicated norms:
+    rank 0; a KV head replicated over several ranks: the first of them)."""
+    from lockstep.models.qwen3.parallelize import local_shapes
+
+    earlier = [local_shapes(model.config, r, model.tp_size) for r in range(model.tp_rank)]
+    mine = local_shapes(model.config, model.tp_rank, model.tp_size)
+    return {name: all(ranks[name][1] != start for ranks in earlier) for name, (_, start) in mine.items()}
 
 
 async def _run_inline(fn, *args):

@@ -40,6 +40,29 @@ class Block:
         return _numel(self.shape) * self.dtype.itemsize
 
 
+@dataclass(frozen=True)
+class LocalShard:
+    """A receiver's block of a full tensor held as a plain tensor (a vLLM TP rank's rows):
+    `local` sits at `offsets` in a tensor of `global_shape`. `owner`: the one holder of these
+    elements that counts them in fingerprints (rows several ranks replicate: the first)."""
+
+    local: torch.Tensor
+    offsets: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    owner: bool = True
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.global_shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    def empty_like(self) -> "LocalShard":
+        return LocalShard(torch.empty_like(self.local), self.offsets, self.global_shape, self.owner)
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -114,8 +137,11 @@ def block_view(flat: torch.Tensor, block: Block) -> torch.Tensor:
 
 
 def destination(target: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """(tensor to write, its offsets in the full tensor): a DTensor's local shard, or the
-    whole plain tensor. Writes go through detached views (Parameters that require grad)."""
+    """(tensor to write, its offsets in the full tensor): a DTensor's local shard, a
+    LocalShard's block, or the whole plain tensor. Writes go through detached views
+    (Parameters that require grad)."""
+    if isinstance(target, LocalShard):
+        return target.local.detach(), tuple(target.offsets)
     if isinstance(target, DTensor):
         local = target.to_local()
         _, offsets = _compute_local_shape_and_global_offset(

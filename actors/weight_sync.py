@@ -46,7 +46,7 @@ from torchstore.controller import Controller
 from torchstore.strategy import SingletonStrategy, TorchStoreStrategy
 
 from lockstep.actors import weight_pack
-from lockstep.actors.weight_pack import Block, CudaBuffer
+from lockstep.actors.weight_pack import Block, CudaBuffer, LocalShard
 
 STORE_NAME = "lockstep"
 POLICY_PREFIX = "policy/"
@@ -216,7 +216,8 @@ async def pull_state_dict(
     """Generator side: fetch `version` into the caller's own layout.
 
     `like` gives, per HF name, the tensor to match: a plain tensor gets the full tensor, a
-    DTensor gets exactly its local shard (the trainer's blocks are intersected with it).
+    DTensor or a `LocalShard` (a vLLM TP rank's rows) gets exactly its block: the trainer's
+    blocks are intersected with it, and only the trainer ranks whose blocks overlap it are read.
     Device and dtype follow `like` (a dtype cast is copy_'s round-to-nearest-even). With
     inplace=True the tensors of `like` are overwritten and returned; otherwise new ones are.
     """
@@ -234,7 +235,10 @@ async def pull_state_dict(
         shape, _ = names[name]
         if tuple(target.shape) != shape:
             raise ValueError(f"policy version {version}: {name} has shape {shape} in the store but {tuple(target.shape)} here")
-        out[name] = target if inplace else torch.empty_like(target)
+        if inplace:
+            out[name] = target
+        else:
+            out[name] = target.empty_like() if isinstance(target, LocalShard) else torch.empty_like(target)
         dests[name] = weight_pack.destination(out[name])
     devices = {dest.device for dest, _ in dests.values()}
     device = devices.pop() if len(devices) == 1 else torch.device("cpu")
@@ -257,7 +261,15 @@ async def pull_state_dict(
 
 
 def _overlaps(blocks: list[Block], dests: dict) -> bool:
-    return any(b.name in dests for b in blocks)
+    """Whether any block intersects its name's destination (a rank with none is not read)."""
+    for b in blocks:
+        if b.name not in dests:
+            continue
+        dest, offsets = dests[b.name]
+        if all(max(bo, do) < min(bo + bl, do + dl)
+               for bo, bl, do, dl in zip(b.offsets, b.shape, offsets, dest.shape)):
+            return True
+    return False
 
 
 async def _fetch(client, version: int, rank: int, layout: RankLayout, device: torch.device) -> torch.Tensor:
@@ -386,15 +398,22 @@ def _block_checksum(local: torch.Tensor, global_shape: tuple[int, ...], offset: 
     return _INDEX_MUL * int(total) % m
 
 
-def fingerprint(state_dict: dict[str, torch.Tensor], version: int) -> WeightFingerprint:
+def fingerprint(state_dict: dict[str, torch.Tensor], version: int, group=None) -> WeightFingerprint:
     """Fingerprint of the logical weights, the same whatever their layout.
 
     Plain tensors are taken as full. DTensors contribute their local shard (replicas only
     once) and are summed over their mesh: a collective, so every rank of that mesh must call.
+    `LocalShard`s (a vLLM TP rank's rows) are summed over `group` (a process group), likewise.
     """
     partials, meshes = [], set()
     for name, tensor in state_dict.items():
-        if isinstance(tensor, DTensor):
+        if isinstance(tensor, LocalShard):
+            if group is None:
+                raise ValueError(f"fingerprint: {name} is a LocalShard; pass the process group its ranks form")
+            local = tensor.local
+            partials.append(_block_checksum(local, tensor.global_shape, tensor.offsets)
+                            if tensor.owner and local.numel() else 0)
+        elif isinstance(tensor, DTensor):
             from torch.distributed.tensor import Partial, Replicate
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -417,6 +436,10 @@ def fingerprint(state_dict: dict[str, torch.Tensor], version: int) -> WeightFing
         for dim in range(mesh.ndim):  # summing along each mesh dim in turn sums over every rank
             dist.all_reduce(sums, group=mesh.get_group(dim))
         partials = [int(s) % FINGERPRINT_MODULUS for s in sums.cpu()]
+    elif group is not None and any(isinstance(t, LocalShard) for t in state_dict.values()):
+        sums = torch.tensor(partials, dtype=torch.int64)
+        dist.all_reduce(sums, group=group)
+        partials = [int(s) % FINGERPRINT_MODULUS for s in sums]
     tensors = {
         name: (tuple(t.shape), str(t.dtype).removeprefix("torch."), checksum)
         for (name, t), checksum in zip(state_dict.items(), partials)

@@ -395,3 +395,22 @@ def _describe(counts: dict[str, int]) -> str:
 
 def _show(value) -> str:
     return f"{type(value).__name__} {value!r}"
+
+
+def check_model_layout(mesh: MeshConfig, impl: str, model_dir: str | Path) -> None:
+    """One-line ValueError unless each role's tp splits the model in `model_dir` (config.json).
+
+    Called before any proc starts. impl=stock: vLLM checks its own TP; the trainer's TP runs
+    lockstep's Qwen3 only."""
+    from lockstep.models.qwen3 import Qwen3Config
+    from lockstep.models.qwen3.sharding import check_tp
+
+    config = Qwen3Config.from_hf(model_dir)
+    where = f"mesh config {mesh.name!r}"
+    if impl == "lockstep":
+        check_tp(config, mesh.generator.tp, field=f"{where}: generator.tp")
+    if mesh.trainer.tp > 1:
+        if impl != "lockstep":
+            raise ValueError(f"{where}: trainer.tp={mesh.trainer.tp} runs lockstep's Qwen3 only; "
+                             "set model.impl=lockstep or trainer.tp=1")
+        check_tp(config, mesh.trainer.tp, field=f"{where}: trainer.tp", trainer=True)

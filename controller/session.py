@@ -38,7 +38,7 @@ from lockstep.controller.data import DEFAULT_REWARDS, PromptStream, load_source,
 from lockstep.controller.event_loop import LoopThread
 from lockstep.controller.handles import ActorTimeout, MeshError, MeshHandle, RewardHandle, generator_replicas, report_failure
 from lockstep.controller.loop import Handles, WeightMismatchError, generate, run_step
-from lockstep.controller.mesh_config import load_mesh_config
+from lockstep.controller.mesh_config import check_model_layout, load_mesh_config
 from lockstep.controller.metrics import DROPPED_PROMPTS, MetricsLogger
 from lockstep.models import checkpoint_path
 
@@ -196,6 +196,7 @@ class Session:
         RewardRunner.from_config(self._reward_cfg)  # a bad dotted path fails here, before any proc starts
         # Write the tiny checkpoint once here, so every actor loads the same directory.
         self._model_dir = str(checkpoint_path(cfg.model))
+        check_model_layout(self.mesh_config, cfg.model.impl, self._model_dir)  # tp vs heads, vocab, ...
         dataset = load_source(cfg.data)
         what = f"data.source={cfg.data.source}" + (f" ({cfg.data.path})" if cfg.data.path else "")
         max_prompt_tokens = cfg.generator.max_model_len - cfg.generator.max_tokens
