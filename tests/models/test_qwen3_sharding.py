@@ -1,13 +1,12 @@
-"""The TP table: it covers every matrix, and per-rank shards recombine to the full layer."""
-
-import dataclasses
+"""The TP table: every matrix split on its output features, so rank outputs concatenate to the full layer."""
 
 import pytest
 import torch
 
+from lockstep import kernels
 from lockstep.models import ModelConfig, build_model
-from lockstep.models.qwen3 import VarlenMeta, tp_placements, tp_shard, tp_shard_dim
-from lockstep.models.qwen3.model import Attention, FeedForward, default_attn_factory
+from lockstep.models.qwen3 import tp_placements, tp_shard, tp_shard_dim
+from lockstep.models.qwen3.sharding import tp_rows
 
 TP_SIZE = 2
 
@@ -17,46 +16,41 @@ def test_every_matrix_is_sharded_and_every_vector_replicated(tied_dir):
     for name, tensor in model.state_dict().items():
         dim = tp_shard_dim(name)
         if tensor.ndim == 2:
-            assert dim in (0, 1), f"{name} has no TP layout"
+            assert dim == 0, f"{name} is not split on its output features"
         else:
             assert dim is None, f"{name} ({tensor.ndim}-D) should be replicated"
-    assert tp_shard_dim("layers.7.attention.wo.weight") == 1
+    assert tp_shard_dim("layers.7.attention.wo.weight") == 0  # no reduction dim is ever split
     assert tp_shard_dim("layers.7.feed_forward.w3.weight") == 0
-    assert set(tp_placements().values()) == {0, 1}
+    assert set(tp_placements().values()) == {0}
 
 
 def test_shards_concatenate_back_to_the_full_tensor():
     full = torch.arange(24.0).reshape(4, 6)
-    for name, dim in [("layers.0.attention.wq.weight", 0), ("layers.0.feed_forward.w2.weight", 1)]:
+    for name in ["layers.0.attention.wq.weight", "layers.0.feed_forward.w2.weight"]:
         shards = [tp_shard(name, full, r, TP_SIZE) for r in range(TP_SIZE)]
-        assert torch.equal(torch.cat(shards, dim), full)
+        assert torch.equal(torch.cat(shards, 0), full)
     assert tp_shard("norm.weight", full, 1, TP_SIZE) is full
-    with pytest.raises(ValueError, match="tp_size=4"):
-        tp_shard("layers.0.feed_forward.w2.weight", full, 0, 4)
+    with pytest.raises(ValueError, match="tp_size=3"):
+        tp_shard("layers.0.feed_forward.w2.weight", full, 0, 3)
 
 
 @torch.no_grad()
-def test_rank_partial_outputs_sum_to_the_full_block(tied_dir):
-    """colwise in, rowwise out: the sum over ranks of each rank's output is the full output."""
+def test_rank_output_features_concatenate_to_the_full_layer_bit_for_bit(tied_dir):
+    """Every sharded weight is split on its output features: rank r's linear over the full
+    input is columns of the full one, bit for bit (the same kernel over the same K)."""
     model = build_model(ModelConfig(path=str(tied_dir)), "cpu")
-    cfg = model.config
-    rank_cfg = dataclasses.replace(cfg, num_heads=cfg.num_heads // TP_SIZE, num_kv_heads=cfg.num_kv_heads // TP_SIZE,
-                                   intermediate_size=cfg.intermediate_size // TP_SIZE)
-    x = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(9)
-    meta = VarlenMeta(torch.tensor([0, 4, 9], dtype=torch.int32))
     block = model.layers["1"]
+    gen = torch.Generator().manual_seed(0)
+    for name, weight in [("layers.1.attention.wo.weight", block.attention.wo.weight),
+                         ("layers.1.feed_forward.w2.weight", block.feed_forward.w2.weight),
+                         ("layers.1.attention.wq.weight", block.attention.wq.weight)]:
+        x = torch.randn(9, weight.shape[1], generator=gen)
+        parts = [kernels.linear(x, tp_shard(name, weight, r, TP_SIZE)) for r in range(TP_SIZE)]
+        assert torch.equal(torch.cat(parts, dim=-1), kernels.linear(x, weight)), name
 
-    attn_sum = ffn_sum = 0
-    for rank in range(TP_SIZE):
-        attn = Attention(1, rank_cfg, default_attn_factory)
-        attn.load_state_dict({k: tp_shard(f"layers.1.attention.{k}", v, rank, TP_SIZE)
-                              for k, v in block.attention.state_dict().items()})
-        attn_sum = attn_sum + attn(x, model.rope_cache, positions, meta)
-        ffn = FeedForward(cfg.hidden_size, rank_cfg.intermediate_size)
-        ffn.load_state_dict({k: tp_shard(f"layers.1.feed_forward.{k}", v, rank, TP_SIZE)
-                             for k, v in block.feed_forward.state_dict().items()})
-        ffn_sum = ffn_sum + ffn(x)
-    # summation order differs from the full matmul: close, not equal
-    torch.testing.assert_close(attn_sum, block.attention(x, model.rope_cache, positions, meta), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ffn_sum, block.feed_forward(x), atol=1e-5, rtol=1e-5)
+
+def test_kv_heads_replicate_when_tp_exceeds_them():
+    # 2 KV heads of 32 rows over 4 ranks: ranks 0-1 hold head 0, ranks 2-3 head 1.
+    rows = [tp_rows("layers.0.attention.wk.weight", 64, r, 4, num_kv_heads=2) for r in range(4)]
+    assert rows == [(0, 32), (0, 32), (32, 32), (32, 32)]
+    assert tp_rows("layers.0.attention.wq.weight", 256, 3, 4, num_kv_heads=2) == (192, 64)
