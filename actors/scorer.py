@@ -85,6 +85,15 @@ def build_scorer(model_cfg, device: torch.device) -> Scorer:
     raise ValueError(f"model.impl={model_cfg.impl!r}: must be 'lockstep' or 'stock'")
 
 
+def apply_tp(scorer: Scorer, tp_mesh: DeviceMesh) -> None:
+    """Tensor parallelism over `tp_mesh` (impl=lockstep): DTensor parameters placed by
+    models/qwen3/sharding.py, the model run by models/qwen3/parallelize.py. Before FSDP."""
+    from lockstep.models.qwen3.parallelize import TPComm, distribute_parameters, parallelize
+
+    distribute_parameters(scorer.model, tp_mesh)
+    parallelize(scorer.model, TPComm(tp_mesh.get_group()))
+
+
 def apply_fsdp(scorer: Scorer, dp_mesh: DeviceMesh) -> None:
     """FSDP2 the TorchTitan way (one group per block, gradient division left to the loss).
 

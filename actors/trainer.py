@@ -64,7 +64,7 @@ class TrainerActor(Actor):
     @endpoint
     async def audit(self, sample: Sample, temperature: float, expected_version: int) -> CapturedRun | None:
         run = self.trainer.audit(sample, temperature, expected_version)
-        return run if self.trainer.dp_rank == 0 else None  # rank 0 answers; the others only join FSDP
+        return run if self.trainer.rank == 0 else None  # rank 0 answers; the others only join FSDP / TP
 
     @endpoint
     async def version(self) -> int:

@@ -15,6 +15,11 @@ Data parallel over the trainer mesh's "dp_shard" dim: rank r trains on `samples[
 Logprobs are gathered back into sample order on every rank; gradients are summed by FSDP, and
 each rank's loss is already divided by the token count of the whole batch, so the sum is the
 batch token-mean.
+
+Tensor parallel over its "tp" dim (impl=lockstep): every parameter becomes a DTensor on the tp
+mesh, Shard(0) or Replicate() from models/qwen3/sharding.py, and the model runs
+models/qwen3/parallelize.py's forwards (TP=1's bits forward; backward see there); FSDP then
+shards those DTensors over dp_shard (FSDP x TP, TorchTitan's order: TP first).
 """
 
 import math
@@ -31,7 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from lockstep.actors.grpo import kl_penalty, policy_loss
 from lockstep.actors.packing import FILLER, PackedBatch, pack_samples
 from lockstep.actors.reward import merge_strided
-from lockstep.actors.scorer import Scorer, apply_fsdp, build_scorer
+from lockstep.actors.scorer import Scorer, apply_fsdp, apply_tp, build_scorer
 from lockstep.actors.types import Sample, TrainBatch
 from lockstep.models.qwen3.capture import Capture, CapturedRun
 
@@ -126,14 +131,16 @@ class Trainer:
         self.model_cfg, self.cfg = model_cfg, cfg
         self.device = torch.device(device)
         self.dp_mesh, self.dp_rank, self.dp_size = None, 0, 1
+        self.tp_mesh, self.tp_size, self.rank, self.world_size = None, 1, 0, 1
         if mesh is not None:
-            if "tp" in (mesh.mesh_dim_names or ()) and mesh["tp"].size() > 1:
-                raise NotImplementedError(
-                    f"trainer tensor parallelism is not supported yet (tp={mesh['tp'].size()}): "
-                    "set the trainer layout to tp=1 and scale with dp_shard (FSDP)"
-                )
             self.dp_mesh = mesh["dp_shard"] if mesh.ndim > 1 else mesh
             self.dp_rank, self.dp_size = self.dp_mesh.get_local_rank(), self.dp_mesh.size()
+            if "tp" in (mesh.mesh_dim_names or ()) and mesh["tp"].size() > 1:
+                self.tp_mesh, self.tp_size = mesh["tp"], mesh["tp"].size()
+                if model_cfg.impl != "lockstep":
+                    raise ValueError(f"trainer tp={self.tp_size} runs lockstep's Qwen3 only; "
+                                     "set model.impl=lockstep or the trainer layout's tp=1")
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.step, self.version = 0, 0
         self._pending: _PendingStep | None = None
 
@@ -142,13 +149,17 @@ class Trainer:
         self.ref_scorer = None
         if cfg.kl_coef > 0:
             self.ref_scorer = build_scorer(model_cfg, self.device).requires_grad_(False)
+        if self.tp_size > 1:
+            for scorer in (self.scorer, self.ref_scorer):
+                if scorer is not None:
+                    apply_tp(scorer, self.tp_mesh)
         if self.dp_size > 1:
             apply_fsdp(self.scorer, self.dp_mesh)
             if self.ref_scorer is not None:
                 apply_fsdp(self.ref_scorer, self.dp_mesh)
 
-        parallel_dims = ParallelDims(dp_replicate=1, dp_shard=self.dp_size, cp=1, tp=1, pp=1, ep=1,
-                                     etp=1, world_size=self.dp_size)
+        parallel_dims = ParallelDims(dp_replicate=1, dp_shard=self.dp_size, cp=1, tp=self.tp_size, pp=1, ep=1,
+                                     etp=1, world_size=self.dp_size * self.tp_size)
         self.optimizers = build_optimizers(
             [self.scorer],
             OptimizerConfig(name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -360,7 +371,7 @@ class Trainer:
         (lockstep.controller.checkpoint).
         """
         path = os.path.abspath(path)
-        if self.dp_rank == 0:
+        if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)
         self._barrier()
         dcp.save(self._checkpoint_state(), checkpoint_id=path, **self._dcp_group())
@@ -375,9 +386,9 @@ class Trainer:
         full = {}
         for name, tensor in self.scorer.hf_state_dict().items():
             tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            if self.dp_rank == 0:
+            if self.rank == 0:
                 full[name] = tensor.detach().to("cpu", copy=True).contiguous()
-        if self.dp_rank == 0:
+        if self.rank == 0:
             os.makedirs(path, exist_ok=True)
             save_file(full, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         self._barrier()
@@ -396,13 +407,13 @@ class Trainer:
         dcp.load(self._checkpoint_state(), checkpoint_id=path, **self._dcp_group())
 
     def _dcp_group(self) -> dict:
-        if self.dp_size == 1:
+        if self.world_size == 1:
             return {"no_dist": True}
-        return {"process_group": self.dp_mesh.get_group()}
+        return {"process_group": None}  # the trainer's world: dp_shard x tp
 
     def _barrier(self) -> None:
-        if self.dp_size > 1:
-            dist.barrier(group=self.dp_mesh.get_group())
+        if self.world_size > 1:
+            dist.barrier()
 
 
 def check_temperature(temperature: float) -> None:

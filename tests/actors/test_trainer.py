@@ -264,7 +264,7 @@ def _fsdp_worker(rank, world_size, port, model_cfg, samples, out_dir):
         try:
             Trainer(model_cfg, TrainerConfig(), "cpu",
                     init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp_shard", "tp")))
-        except NotImplementedError as e:
+        except ValueError as e:  # the tiny model's one KV head does not split over 2 ranks
             tp_error = str(e)
         torch.save({"logprobs": logprobs, "one": one, "metrics": metrics, "after": after, "tp_error": tp_error,
                     "fingerprint": fingerprint},
@@ -307,7 +307,7 @@ def test_fsdp_two_ranks_match_single_process(model_cfg, tmp_path):
         assert metrics["kl"] == 0.0 and metrics["version"] == 1.0
         assert metrics["loss"] == pytest.approx(single_metrics["loss"], rel=1e-5, abs=1e-7)
         assert metrics["grad_norm"] == pytest.approx(single_metrics["grad_norm"], rel=1e-4)
-        assert "not supported yet" in result["tp_error"]
+        assert "trainer layout tp=2 does not split the model's num_kv_heads=1" in result["tp_error"]
         assert result["fingerprint"] == (single_fingerprint.version, single_fingerprint.tensors)  # other layout
     # the FSDP step moved the weights like the single-process one (summation order differs)
     single_after = single.logprobs(samples, TEMPERATURE)
