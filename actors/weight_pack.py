@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import _StridedShard
 
 ALIGN_BYTES = 64  # every block starts aligned, so a byte slice views as any dtype
 
@@ -75,7 +76,9 @@ def _dtensor_block(t: DTensor) -> tuple[tuple[int, ...], bool]:
 
     A shard replicated over a mesh dim is published by coordinate 0 of that dim only."""
     for p in t.placements:
-        if type(p) not in (Shard, Replicate):
+        # FSDP over TP rows is _StridedShard: still one contiguous box of rows per rank (the
+        # fingerprint check after each sync would catch a layout where it is not).
+        if not isinstance(p, (Shard, Replicate, _StridedShard)):
             raise NotImplementedError(
                 f"weight sync: placement {p} is not supported (only Shard and Replicate); "
                 "call full_tensor() or redistribute before pushing"
