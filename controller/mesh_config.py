@@ -6,10 +6,12 @@
     cfg.gpu_ids("trainer", host=0)                # [] on CPU, e.g. [4, 5, 6, 7] on h100x8
 
 Placement: a role runs on the hosts its `hosts` lists (consecutive indices, e.g. [0] or
-[0, 1]), its procs split evenly over them in rank order: rank r is on hosts[r // per_host].
+[0, 1]), its procs split evenly over them in rank order: rank r is on hosts[r // per_host];
+a TP group must fit on one host.
 GPUs: on each host, the generator takes the first GPUs and the trainer the next ones, unless
-`colocate: true`, where both share GPUs 0.. (a 1-GPU host): the generator then keeps only
-`generator.gpu_memory_utilization` of the memory and the trainer uses the rest. One proc per
+`colocate: true`, where both share GPUs 0.. (one generator proc and one trainer proc per GPU,
+e.g. generator tp=2 and trainer FSDP 2 on a 2-GPU host): the generator then keeps only
+`generator.gpu_memory_utilization` of each GPU and the trainer uses the rest. One proc per
 GPU. Reward procs use none unless `reward.gpus` (GPUs per reward proc, e.g. for a reward
 model): they take the GPUs after the generator's and trainer's, or with `reward.colocate: true`
 share theirs from GPU 0. `cfg.placement()` lists every proc (what --dry-run prints).
@@ -171,7 +173,7 @@ class MeshConfig:
     hosts: int = 1
     gpus: int | None = None  # GPUs per host (device cuda)
     procs: int | None = None  # max procs per host (device cpu)
-    colocate: bool = False  # generator and trainer share the same GPUs (1-GPU hosts)
+    colocate: bool = False  # generator and trainer share the same GPUs (from GPU 0)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     generator: GeneratorRole = field(default_factory=GeneratorRole)
     trainer: TrainerRole = field(default_factory=TrainerRole)
@@ -203,6 +205,11 @@ class MeshConfig:
             bad = [h for h in self.role(role).hosts if h >= self.hosts]
             if bad:
                 raise ValueError(f"{role}.hosts {bad} out of range: the mesh has hosts 0..{self.hosts - 1}")
+        for role in ("generator", "trainer"):
+            spec, per_host = self.role(role), self.procs_per_host(role)
+            if per_host % spec.tp:
+                raise ValueError(f"{role}.tp={spec.tp} spans hosts ({per_host} {role} procs per host); "
+                                 f"a TP group must fit on one host: use a tp that divides {per_host}")
         for host in range(self.hosts):
             self._check_fits(host)
 

@@ -7,7 +7,8 @@ import pytest
 from lockstep.actors.dist import Layout
 from lockstep.controller.mesh_config import ROLES, available_mesh_configs, load_mesh_config
 
-SHIPPED = ["h100x1", "h100x16", "h100x8", "h200x1", "h200x2", "h200x4", "local-2host", "local-cpu"]
+SHIPPED = ["h100x1", "h100x16", "h100x8", "h200x1", "h200x2", "h200x2-colocated", "h200x4", "local-2host", "local-cpu",
+           "local-cpu-tp2"]
 
 LOCAL = """
 device: cpu
@@ -139,6 +140,11 @@ def test_malformed_config_is_one_clear_line(tmp_path, change, message):
         ("device: cuda\nhosts: 1\ngpus: 1\ngenerator: {gpu_memory_utilization: 1.5}\ncolocate: true\n",
          "generator: gpu_memory_utilization must be in (0, 1], got 1.5"),
         ("- device: cpu\n", "expected a mapping at the top level, got list"),
+        (
+            "device: cuda\nhosts: 2\ngpus: 8\nlauncher: {kind: slurm}\ngenerator: {dp: 1, tp: 4, hosts: [0, 1]}\n",
+            "generator.tp=4 spans hosts (2 generator procs per host); a TP group must fit on one host: "
+            "use a tp that divides 2",
+        ),
     ],
 )
 def test_gpu_layouts_must_fit(tmp_path, text, message):
@@ -233,3 +239,25 @@ def test_role_hosts_must_be_consecutive(tmp_path):
         f"mesh config '{tmp_path / 'mine.yaml'}': trainer: hosts must be consecutive host indices in increasing "
         "order (e.g. [0] or [1, 2]), got [0, 2]"
     )
+
+
+def test_colocated_tp_shares_the_gpus_and_tp_must_split_the_model(tmp_path):
+    from lockstep.controller.mesh_config import check_model_layout
+    from lockstep.models.tiny import write_tiny_checkpoint
+
+    colocated = load_mesh_config("h200x2-colocated")  # generator TP=2 and trainer FSDP 2 on GPUs 0-1
+    assert colocated.gpu_ids("generator") == colocated.gpu_ids("trainer") == [0, 1]
+    assert colocated.layout("generator").shape == (1, 2) and colocated.layout("trainer").shape == (2, 1)
+    tiny = write_tiny_checkpoint(tmp_path / "tiny")  # 2 heads, 1 KV head, vocab 24
+    check_model_layout(load_mesh_config("local-cpu-tp2"), "lockstep", tiny)  # the KV head is replicated
+    with pytest.raises(ValueError, match=r"^mesh config 'h100x16': trainer.tp=2 does not split the model's "
+                                         r"num_kv_heads=1; use a tp that divides it$"):
+        check_model_layout(load_mesh_config("h100x16"), "lockstep", tiny)
+    with pytest.raises(ValueError, match=r"^mesh config 'h100x16': trainer.tp=2 runs lockstep's Qwen3 only; "
+                                         r"set model.impl=lockstep or trainer.tp=1$"):
+        check_model_layout(load_mesh_config("h100x16"), "stock", tiny)
+    wide = write_tiny_checkpoint(tmp_path / "wide", num_heads=2, num_kv_heads=2)
+    with pytest.raises(ValueError, match="generator.tp=8 does not divide the model's num_heads=2"):
+        mesh = load_mesh_config("h100x8")
+        mesh.generator.tp = 8
+        check_model_layout(mesh, "lockstep", wide)
