@@ -80,6 +80,8 @@ def configure_process(device_type: str, tp: int, impl: str = "lockstep") -> None
         # runner's sampler calls aten log_softmax, which kernels.invariant_mode() routes to
         # the same kernel the trainer's token_logprobs runs.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if device_type == "cpu" and tp > 1:
+        remove_stale_cpu_shm()
     if device_type == "cuda" and tp == 1 and "LOCAL_RANK" in os.environ:
         # A TP=1 engine uses the first visible GPU: show it only this proc's one.
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -88,6 +90,36 @@ def configure_process(device_type: str, tp: int, impl: str = "lockstep") -> None
             if torch.cuda.is_initialized():
                 raise RuntimeError("CUDA was initialized before the generator picked its GPU; start vLLM first")
             os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[local_rank]
+
+
+def remove_stale_cpu_shm(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink vLLM CPU TP segments (`...-tp:0-[0-1]-cpushm_0`) that no live process maps.
+
+    vLLM names them after the TP group's ranks only (under the external launcher its
+    VLLM_DIST_IDENT is empty), and a killed engine leaves them behind: the next TP engine on
+    this machine would then fail with "create shm in SHMManager failed. errno: 17"."""
+    try:
+        names = [n for n in os.listdir(shm_dir) if "-cpushm_" in n]
+    except OSError:
+        return []
+    if not names:
+        return []
+    mapped = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped.update(line.rsplit("/", 1)[-1].strip() for line in f if "-cpushm_" in line)
+        except OSError:
+            continue  # gone, or not ours to read
+    removed = []
+    for name in names:
+        if name not in mapped:
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def kv_cache_bytes(config_json: dict, gen_cfg: GeneratorConfig, dtype: torch.dtype, max_num_seqs: int) -> int:
