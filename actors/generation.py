@@ -136,6 +136,11 @@ class Generator:
         self._check_version(expected_version)
         if self.model_cfg.impl != "lockstep":
             raise ValueError("the audit records lockstep's Qwen3 on both sides; it needs model.impl=lockstep")
+        if self.tp > 1:
+            raise ValueError(
+                f"the audit records whole module outputs and this generator is tensor-parallel (tp={self.tp}): "
+                "run `lockstep audit --run LOG_DIR --mesh local-cpu` (or another tp=1 mesh)"
+            )
         if self.graphs:
             raise ValueError(
                 "the audit's hooks need an eager generator and this one replays CUDA graphs: run "

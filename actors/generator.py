@@ -4,7 +4,9 @@ One engine per data-parallel replica:
 - TP = 1: in-process vLLM (VLLM_ENABLE_V1_MULTIPROCESSING=0), nothing else to launch.
 - TP > 1: `distributed_executor_backend="external_launcher"`, each Monarch proc is one
   vLLM rank of the torch.distributed world the mesh spawner set up (rank = dp * tp + tp_index,
-  which is how vLLM derives its DP rank). impl=lockstep does not support TP > 1 yet.
+  which is how vLLM derives its DP rank). Every rank of a replica gets every call and runs
+  the same schedule; rank 0's answer is read. impl=lockstep: each rank holds and pulls only
+  its rows of the weights (models/qwen3/sharding.py).
 """
 
 import asyncio

@@ -205,6 +205,11 @@ class Trainer:
         check_temperature(temperature)
         if self.model_cfg.impl != "lockstep":
             raise ValueError("the audit records lockstep's Qwen3 on both sides; it needs model.impl=lockstep")
+        if self.tp_size > 1:
+            raise ValueError(
+                f"the audit records whole module outputs and this trainer is tensor-parallel (tp={self.tp_size}): "
+                "run `lockstep audit --run LOG_DIR --mesh local-cpu` (or another tp=1 mesh)"
+            )
         if expected_version != self.version:
             raise RuntimeError(
                 f"the trainer holds weights v{self.version}, the audited sample was made with v{expected_version}; "
