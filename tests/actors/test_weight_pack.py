@@ -143,3 +143,26 @@ def test_open_cuda_refuses_a_buffer_from_another_host():
     buffer = weight_pack.CudaBuffer(host="some-other-host", num_bytes=4, rebuild_args=())
     with pytest.raises(RuntimeError, match="start the store with transport='host'"):
         weight_pack.open_cuda(buffer, torch.device("cuda", 0))
+
+
+def test_tp_row_receivers_get_their_rows_and_read_only_overlapping_ranks():
+    """A vLLM TP rank holds rows of each matrix as a LocalShard: it receives exactly those
+    rows from FSDP row shards, and a trainer rank whose rows miss them all is not read."""
+    from lockstep.actors.weight_pack import LocalShard
+    from lockstep.actors.weight_sync import _overlaps
+
+    g = torch.Generator().manual_seed(1)
+    full = {"wq": torch.randn(8, 4, generator=g), "wo": torch.randn(8, 6, generator=g)}
+    buffers = [pack_blocks(items) for items in row_shards(full, 4)]  # 2 rows per trainer rank
+    for tp_rank in range(2):
+        shards = {n: LocalShard(torch.zeros(4, t.shape[1]), (4 * tp_rank, 0), tuple(t.shape)) for n, t in full.items()}
+        assert all(s.shape == full[n].shape for n, s in shards.items())  # checked against the store's shapes
+        dests = {n: destination(s) for n, s in shards.items()}
+        wanted = [r for r, (_, blocks) in enumerate(buffers) if _overlaps(blocks, dests)]
+        assert wanted == [2 * tp_rank, 2 * tp_rank + 1]  # the two trainer ranks holding its rows
+        copied = {}
+        for r in wanted:
+            copy_blocks(*buffers[r], dests, copied)
+        for name, shard in shards.items():
+            assert copied[name] == shard.local.numel()
+            assert torch.equal(shard.local, full[name][4 * tp_rank : 4 * tp_rank + 4]), (tp_rank, name)
