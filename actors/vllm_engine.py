@@ -122,9 +122,12 @@ def remove_stale_cpu_shm(shm_dir: str = "/dev/shm") -> list[str]:
     return removed
 
 
-def kv_cache_bytes(config_json: dict, gen_cfg: GeneratorConfig, dtype: torch.dtype, max_num_seqs: int) -> int:
-    """CPU KV cache size: every sequence slot at max_model_len (vLLM would take GiBs otherwise)."""
+def kv_cache_bytes(config_json: dict, gen_cfg: GeneratorConfig, dtype: torch.dtype, max_num_seqs: int,
+                   tp: int = 1) -> int:
+    """CPU KV cache size per rank: every sequence slot at max_model_len (vLLM would take GiBs
+    otherwise); a TP rank holds num_kv_heads / tp heads (at least one)."""
     num_kv_heads = config_json.get("num_key_value_heads") or config_json["num_attention_heads"]
+    num_kv_heads = max(1, num_kv_heads // tp)
     head_dim = config_json.get("head_dim") or config_json["hidden_size"] // config_json["num_attention_heads"]
     per_token = config_json["num_hidden_layers"] * 2 * num_kv_heads * head_dim * dtype.itemsize
     return max(MIN_CPU_KV_CACHE_BYTES, per_token * gen_cfg.max_model_len * max_num_seqs)
@@ -156,7 +159,7 @@ def engine_args(model_cfg, gen_cfg: GeneratorConfig, device_type: str, tp: int =
     if device_type == "cpu":
         with open(os.path.join(path, "config.json")) as f:
             config_json = json.load(f)
-        args["kv_cache_memory_bytes"] = kv_cache_bytes(config_json, gen_cfg, model_cfg.torch_dtype, max_num_seqs)
+        args["kv_cache_memory_bytes"] = kv_cache_bytes(config_json, gen_cfg, model_cfg.torch_dtype, max_num_seqs, tp)
     else:
         args["gpu_memory_utilization"] = gen_cfg.gpu_memory_utilization
     if tp > 1:
