@@ -109,6 +109,7 @@ class LockstepQwen3ForCausalLM(nn.Module):
         full = local_shapes(self.config, 0, 1)
         mine = local_shapes(self.config, self.tp_rank, self.tp_size)
         return {name: (shape, (mine[name][1], *(0,) * (len(shape) - 1))) for name, (shape, _) in full.items()}
+
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(input_ids)
 
