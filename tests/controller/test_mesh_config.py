@@ -250,12 +250,14 @@ def test_colocated_tp_shares_the_gpus_and_tp_must_split_the_model(tmp_path):
     assert colocated.layout("generator").shape == (1, 2) and colocated.layout("trainer").shape == (2, 1)
     tiny = write_tiny_checkpoint(tmp_path / "tiny")  # 2 heads, 1 KV head, vocab 24
     check_model_layout(load_mesh_config("local-cpu-tp2"), "lockstep", tiny)  # the KV head is replicated
-    with pytest.raises(ValueError, match=r"^mesh config 'h100x16': trainer.tp=2 does not split the model's "
+    trainer_tp = load_mesh_config("h200x4")
+    trainer_tp.trainer.tp = 2
+    with pytest.raises(ValueError, match=r"^mesh config 'h200x4': trainer.tp=2 does not split the model's "
                                          r"num_kv_heads=1; use a tp that divides it$"):
-        check_model_layout(load_mesh_config("h100x16"), "lockstep", tiny)
-    with pytest.raises(ValueError, match=r"^mesh config 'h100x16': trainer.tp=2 runs lockstep's Qwen3 only; "
+        check_model_layout(trainer_tp, "lockstep", tiny)
+    with pytest.raises(ValueError, match=r"^mesh config 'h200x4': trainer.tp=2 runs lockstep's Qwen3 only; "
                                          r"set model.impl=lockstep or trainer.tp=1$"):
-        check_model_layout(load_mesh_config("h100x16"), "stock", tiny)
+        check_model_layout(trainer_tp, "stock", tiny)
     wide = write_tiny_checkpoint(tmp_path / "wide", num_heads=2, num_kv_heads=2)
     with pytest.raises(ValueError, match="generator.tp=8 does not divide the model's num_heads=2"):
         mesh = load_mesh_config("h100x8")
