@@ -129,6 +129,19 @@ def test_console_entry_has_run_subcommand(capsys):
     assert "--mesh" in capsys.readouterr().out
 
 
+def test_a_tp_that_does_not_split_the_model_is_one_line(tmp_path, monkeypatch, capsys):
+    from lockstep.controller.main import main
+
+    monkeypatch.chdir(tmp_path)
+    mesh = tmp_path / "tp4.yaml"  # the demo model has 2 query heads
+    mesh.write_text("device: cpu\nhosts: 1\nprocs: 8\nlauncher: {kind: local}\ngenerator: {dp: 1, tp: 4}\n"
+                    "trainer: {dp: 2, tp: 1}\nreward: {procs: 2}\n")
+    assert main(["--mesh", str(mesh), "--steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: mesh config 'tp4': generator.tp=4 does not divide the model's num_heads=2; "
+                   "use a tp that divides it")
+
+
 @pytest.mark.slow
 def test_two_steps_on_local_cpu(tmp_path):
     result = run_main("--mesh", "local-cpu", "--steps", "2", cwd=tmp_path)
