@@ -259,17 +259,21 @@ def descendants(pid):
             todo.append(child)
     return found
 
-with Session(mesh="local-2host", echo=False, loop={"log_dir": sys.argv[1]}) as session:
+with Session(mesh="local-2host", echo=False, data={"prompts_per_step": 2}, generator={"num_samples": 4},
+             loop={"log_dir": sys.argv[1]}) as session:
     started = descendants(os.getpid())
+    session.run(2)
     samples = session.generate(["3+4=", "2*5="], n=2)
 print(json.dumps({"started": started, "samples": [(s.prompt_index, s.policy_version) for s in samples]}))
 """
 
 
 @pytest.mark.slow
-def test_a_session_runs_on_simulated_hosts(tmp_path, proc_gone):
-    """The notebook / Session path takes the same meshes (training on them, weights crossing
-    hosts, is the CLI test's: test_main.py)."""
+def test_a_session_trains_on_simulated_hosts_under_the_strict_barrier(tmp_path, proc_gone, tb_scalars):
+    """local-2host through the notebook / Session path: generator and reward on host 0, FSDP
+    trainer on host 1, each host a Monarch worker process; the trained weights cross hosts
+    after every step. Strict barrier (the default): 0 differing tokens on both steps; the
+    generator then samples from the step-2 weights, and nothing outlives the session."""
     script = tmp_path / "session.py"
     script.write_text(SESSION_SCRIPT)
     result = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
@@ -277,7 +281,10 @@ def test_a_session_runs_on_simulated_hosts(tmp_path, proc_gone):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(out["started"]) >= 7, out  # 2 workers and the 5 procs under them
-    assert out["samples"] == [[0, 0], [0, 0], [1, 0], [1, 0]]
+    scalars = tb_scalars(tmp_path / "run")
+    assert scalars["barrier/num_differing_tokens"] == [0.0, 0.0]
+    assert min(scalars["barrier/num_tokens"]) > 0 and scalars["policy_version"] == [1.0, 2.0]
+    assert out["samples"] == [[0, 2], [0, 2], [1, 2], [1, 2]]
     assert all(proc_gone(pid) for pid in out["started"]), "a worker or proc outlived the session"
 
 
