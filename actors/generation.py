@@ -5,7 +5,6 @@ Sampling seeds: vLLM gives a request's n samples seed, seed + 1, ... (`Sample.se
 sample can be re-sampled alone; batch invariance makes it the same tokens.
 """
 
-import contextlib
 import hashlib
 import math
 import os
@@ -85,8 +84,12 @@ class Generator:
     # -- sampling -------------------------------------------------------------------------
 
     def sampling_params(self, *, n: int, temperature: float, max_tokens: int, seed: int):
+        """impl=lockstep: vLLM samples at temperature 1 (0: greedy) from the model's
+        log_softmax at `temperature` (`_use_temperature` sets it); stock: vLLM applies it."""
         from vllm import SamplingParams
 
+        if self.model_cfg.impl == "lockstep":
+            temperature = 0.0 if temperature == 0 else 1.0
         return SamplingParams(
             n=n, temperature=temperature, top_p=self.gen_cfg.top_p, max_tokens=max_tokens, seed=seed, logprobs=0
         )
@@ -120,8 +123,8 @@ class Generator:
             raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts; pass one per prompt")
         self.num_calls += 1
         params = [self.sampling_params(n=n, temperature=temperature, max_tokens=max_tokens, seed=s) for s in seeds]
-        with self._sampler_mode():
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self._use_temperature(temperature)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return to_samples(outputs, prompts, fields, self.version, seeds)
 
     def audit(
@@ -147,7 +150,8 @@ class Generator:
                 "`lockstep audit --run LOG_DIR` (it starts eager meshes), or set generator.enforce_eager=true"
             )
         params = self.sampling_params(n=1, temperature=temperature, max_tokens=max_tokens, seed=seed)
-        with self._sampler_mode(), Capture(self.model().model) as capture:
+        self._use_temperature(temperature)
+        with Capture(self.model().model) as capture:
             outputs = self.llm.generate([{"prompt_token_ids": list(prompt_ids)}], params, use_tqdm=False)
         (sample,) = to_samples(outputs, [""], [{}], self.version, [seed])
         return CapturedRun(
@@ -199,15 +203,12 @@ class Generator:
                 f"v{expected_version}; call update_weights({expected_version}) first"
             )
 
-    def _sampler_mode(self):
-        """impl=lockstep: vLLM's sampler computes log_softmax with aten; route that through
-        lockstep's invariant log_softmax for the call, so the generator's logprob of a token is
-        `kernels.token_logprobs` bit for bit. Stock runs keep aten's."""
-        if self.model_cfg.impl != "lockstep":
-            return contextlib.nullcontext()
-        from lockstep import kernels
-
-        return kernels.invariant_mode()
+    def _use_temperature(self, temperature: float) -> None:
+        """impl=lockstep: the model's log_softmax temperature for the next requests (greedy
+        reports logprobs at 1, as the trainer scores them)."""
+        if self.model_cfg.impl == "lockstep":
+            t = 1.0 if temperature == 0 else temperature
+            self.llm.apply_model(lambda model: model.set_sampling_temperature(t))
 
     # -- weights --------------------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 """The vLLM engine of a generator: its config, and how `vllm.LLM` is built from it.
 
-Parity rules (see docs/architecture.md): prefix caching off; `compute_logits` returns our
-fp32 logits; `logprobs_mode="processed_logprobs"`, i.e. log_softmax(logits / temperature),
-the quantity `lockstep.kernels.token_logprobs` computes on the trainer side.
+Parity rules (see docs/architecture.md): prefix caching off. impl=lockstep: `compute_logits`
+returns our log_softmax(logits / temperature) (models/vllm/qwen3.py), vLLM samples from it at
+temperature 1 and, with `logprobs_mode="processed_logits"`, reports the sampled entry: the
+value `lockstep.kernels.token_logprobs` computes on the trainer side, with no softmax of vLLM's
+in between (so no model runner's sampler arithmetic matters). impl=stock: vLLM's own logits
+and `processed_logprobs`.
 
 CUDA graphs: on a GPU, impl=lockstep decode steps replay captured graphs of our whole model
 (vLLM's FULL_DECODE_ONLY, no torch.compile: the model is custom ops end to end); a batch padded
@@ -19,7 +22,7 @@ import torch
 
 from lockstep.models.vllm.plugin import ARCHITECTURE  # plugin.py imports vllm only when called
 
-LOGPROBS_MODE = "processed_logprobs"
+LOGPROBS_MODE = {"lockstep": "processed_logits", "stock": "processed_logprobs"}
 MIN_CPU_KV_CACHE_BYTES = 16 << 20
 MAX_NUM_SEQS = 256
 
@@ -79,7 +82,7 @@ def configure_process(device_type: str, tp: int, impl: str = "lockstep") -> None
         # vLLM's V2 GPU runner computes sampled logprobs in its own Triton kernel; the V1
         # runner's sampler calls aten log_softmax, which kernels.invariant_mode() routes to
         # the same kernel the trainer's token_logprobs runs.
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if device_type == "cpu" and tp > 1:
         remove_stale_cpu_shm()
     if device_type == "cuda" and tp == 1 and "LOCAL_RANK" in os.environ:
@@ -149,7 +152,7 @@ def engine_args(model_cfg, gen_cfg: GeneratorConfig, device_type: str, tp: int =
         max_num_seqs=max_num_seqs,
         enforce_eager=not graphs,
         enable_prefix_caching=False,
-        logprobs_mode=LOGPROBS_MODE,
+        logprobs_mode=LOGPROBS_MODE[model_cfg.impl],
     )
     if graphs and model_cfg.impl == "lockstep":
         # Whole decode steps as CUDA graphs, no torch.compile (our model is custom ops end to end).

@@ -1,15 +1,15 @@
 """`LockstepQwen3ForCausalLM`: lockstep's Qwen3 (`lockstep.models.qwen3.Qwen3Model`) as a vLLM model.
 
-The wrapper adds nothing numerical: vLLM calls `forward` and `compute_logits`, which run
-our model and its fp32 `logits()`; the only vLLM piece inside is `PagedAttention`, vLLM's
-`Attention` layer bound to our backend (attention_backend.py), so vLLM keeps scheduling,
-the paged KV cache, continuous batching and sampling.
+vLLM calls `forward` and `compute_logits`, which run our model, its fp32 `logits()` and our
+log_softmax at the sampling temperature; the only vLLM piece inside is `PagedAttention`,
+vLLM's `Attention` layer bound to our backend (attention_backend.py), so vLLM keeps
+scheduling, the paged KV cache, continuous batching and sampling.
 
 Tensor parallel (tensor_parallel_size > 1, one vLLM rank per Monarch proc through the
 external launcher): the rank and group come from vLLM's parallel state, the model holds only
 this rank's rows (models/qwen3/sharding.py) and runs parallelize.py's forwards over vLLM's
-TP communicator (graph-capturable on GPU). `compute_logits` returns the full fp32 logits row
-on every rank, so sampling and logprobs see what one rank would.
+TP communicator (graph-capturable on GPU). `compute_logits` returns the full fp32 row on
+every rank, so sampling and logprobs see what one rank would.
 """
 
 from collections.abc import Iterable
@@ -19,6 +19,7 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
 
+from lockstep import kernels
 from lockstep.models.qwen3 import Qwen3Config, Qwen3Model, from_hf, tp_shard
 from lockstep.models.qwen3.parallelize import local_shapes, parallelize, shard_parameters
 from lockstep.models.qwen3.sharding import check_tp
@@ -65,6 +66,8 @@ class VllmTPComm:
 
 
 class LockstepQwen3ForCausalLM(nn.Module):
+    sampling_temperature = 1.0  # of compute_logits' log_softmax; see there
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         parallel = vllm_config.parallel_config
@@ -128,7 +131,17 @@ class LockstepQwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, None)  # [T, H]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(hidden_states)  # fp32 [T, V]
+        """log_softmax(logits / T), fp32 [T, V], T = `sampling_temperature`.
+
+        vLLM samples from these at temperature 1 (the same distribution as logits at T) and,
+        with logprobs_mode="processed_logits", returns the sampled token's entry: the logprob
+        comes from our kernel, bit for bit what the trainer's token_logprobs computes, and
+        vLLM computes no softmax of its own (actors/vllm_engine.py)."""
+        return kernels.log_softmax(self.model.logits(hidden_states), self.sampling_temperature)
+
+    def set_sampling_temperature(self, temperature: float) -> None:
+        """The temperature of the next requests (the generator sets it per call; vLLM gets 1)."""
+        self.sampling_temperature = float(temperature)
 
     # -- weights ----------------------------------------------------------------------
 

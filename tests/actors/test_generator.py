@@ -54,7 +54,7 @@ def test_engine_args_follow_the_parity_rules(tmp_path):
     args = engine_args(ModelConfig(path=str(path)), gen_cfg, "cpu")
     assert args["model"] == str(path) and args["dtype"] == "float32" and args["seed"] == 3
     assert args["enable_prefix_caching"] is False
-    assert args["logprobs_mode"] == "processed_logprobs"
+    assert args["logprobs_mode"] == "processed_logits"  # the model's own log_softmax (models/vllm/qwen3.py)
     assert args["hf_overrides"] == {"architectures": [ARCHITECTURE]}
     assert args["max_model_len"] == 128 and args["enforce_eager"] is True
     assert "gpu_memory_utilization" not in args and args["kv_cache_memory_bytes"] >= 16 << 20
@@ -69,6 +69,7 @@ def test_engine_args_follow_the_parity_rules(tmp_path):
 
     stock = engine_args(ModelConfig(path=str(path), impl="stock"), gen_cfg, "cuda", tp=2, dp=2)
     assert "hf_overrides" not in stock and stock["gpu_memory_utilization"] == 0.3
+    assert stock["logprobs_mode"] == "processed_logprobs"  # vLLM's own softmax of its logits
     assert "compilation_config" not in stock  # vLLM's own defaults (torch.compile + graphs)
     assert (stock["tensor_parallel_size"], stock["data_parallel_size"]) == (2, 2)
     assert stock["distributed_executor_backend"] == "external_launcher"
