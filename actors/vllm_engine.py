@@ -79,9 +79,8 @@ def configure_process(device_type: str, tp: int, impl: str = "lockstep") -> None
     """Environment vLLM reads at engine start; call before the first `vllm.LLM` of the process."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this proc
     if impl == "lockstep":
-        # vLLM's V2 GPU runner computes sampled logprobs in its own Triton kernel; the V1
-        # runner's sampler calls aten log_softmax, which kernels.invariant_mode() routes to
-        # the same kernel the trainer's token_logprobs runs.
+        # The logprob is the model's own (processed_logits), so either runner keeps parity; V1
+        # is the one measured end to end (docs/benchmarks.md). The environment may pick V2.
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if device_type == "cpu" and tp > 1:
         remove_stale_cpu_shm()
