@@ -34,8 +34,8 @@ class GeneratorConfig:
     temperature: float = 1.0
     """Sampling temperature; logprobs are of logits / temperature."""
     top_p: float = 1.0
-    """< 1 samples from a renormalized nucleus; the trainer scores the full softmax, so the
-    strict barrier needs 1.0."""
+    """< 1 samples from the nucleus of this much probability; impl=lockstep still reports each
+    token's full-softmax logprob, the one the trainer scores."""
     max_tokens: int = 32
     """Max new tokens per completion."""
     seed: int = 0

@@ -100,14 +100,6 @@ class RunConfig:
                 "model.impl=stock does not give bitwise-equal logprobs, so loop.barrier=strict would halt "
                 "the first step; set loop.barrier=measure (or off)"
             )
-        if self.generator.top_p < 1 and self.loop.barrier == "strict":
-            # vLLM's processed logprobs are then of the renormalized nucleus, which the trainer
-            # does not score (see docs/architecture.md, "top_p and the strict barrier").
-            raise ValueError(
-                f"generator.top_p={self.generator.top_p} samples from a truncated distribution the trainer does "
-                "not score, so loop.barrier=strict would halt the first step; set generator.top_p=1.0 "
-                "(or loop.barrier=measure)"
-            )
 
 
 # What differs from the dataclass defaults in `make demo`: the arithmetic task on a tiny

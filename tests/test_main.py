@@ -25,7 +25,7 @@ def run_main(*args, cwd, timeout=600):
         (["loop.barrier=maybe"], "error: loop.barrier='maybe' is not one of strict|measure|off"),
         (["--config", "nope.yaml"], "error: --config nope.yaml: no such file"),
         (["--mesh", "tpu-pod"], "error: unknown mesh config 'tpu-pod'; available:"),
-        (["generator.top_p=0.9"], "error: generator.top_p=0.9 samples from a truncated distribution"),
+        (["generator.top_p=0"], "error: generator.top_p=0"),
         (["--resume", "nowhere"], "error: --resume "),
     ],
 )

@@ -125,6 +125,25 @@ def test_generator_logprobs_equal_trainer_bitwise(engine, trainer_model, tempera
         assert torch.equal(s.logprobs, want), (i, s.logprobs - want)
 
 
+def test_top_p_reports_the_full_softmax_logprob(engine, trainer_model):
+    """top_p < 1 decides which tokens can be drawn; the reported logprob stays the model's
+    log_softmax at T, the quantity the trainer scores, so the strict barrier holds."""
+    prompts = PROMPTS[:6]
+
+    def sample(top_p):
+        engine.gen_cfg.top_p = top_p
+        try:
+            return engine.generate(prompts, _fields(prompts), 0, n=2, temperature=0.7, seeds=list(range(6)))
+        finally:
+            engine.gen_cfg.top_p = 1.0
+
+    nucleus, full = sample(0.5), sample(1.0)
+    assert any(a.completion_ids != b.completion_ids for a, b in zip(nucleus, full)), "top_p=0.5 changed nothing"
+    expected = trainer_logprobs(trainer_model, nucleus, 0.7)
+    for i, (s, want) in enumerate(zip(nucleus, expected)):
+        assert torch.equal(s.logprobs, want), (i, s.logprobs - want)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_prompt_alone_equals_prompt_in_batch_of_64(engine, temperature):
     target = 37
