@@ -22,29 +22,38 @@ def request_seed(base_seed: int, replica: int, call: int, prompt_index: int) -> 
     return int.from_bytes(digest[:4], "little") >> 2  # < 2**30, so seed + n stays an int32
 
 
+def sampled_logprobs(logprobs, token_ids: list[int]) -> list[float]:
+    """The sampled token's logprob at each position, from vLLM's flat (or per-position dict)
+    container of a `logprobs=0` request."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        raise RuntimeError("vLLM returned no per-token logprobs; the request must ask for logprobs=0")
+    flat = getattr(logprobs, "logprobs", None)
+    if flat is not None and logprobs.token_ids == token_ids:  # FlatLogprobs: one entry per position
+        return flat
+    return [position[token].logprob for position, token in zip(logprobs, token_ids)]
+
+
 def to_samples(
-    outputs, prompts: list[str], fields: list[dict], policy_version: int, seeds: list[int] | None = None
+    outputs, prompts: list[str], fields: list[dict], policy_version: int, seeds: list[int] | None = None,
+    tokenizer=None,
 ) -> list[Sample]:
     """vLLM RequestOutputs (one per prompt, n completions each) -> Samples, prompt-major.
 
-    `seeds[i]` is prompt i's request seed; vLLM samples completion k with seed + k.
+    `seeds[i]` is prompt i's request seed; vLLM samples completion k with seed + k. With a
+    `tokenizer`, each completion's text is decoded here, once (requests with detokenize=False).
     """
     samples = []
     for prompt_index, (request, prompt, row_fields) in enumerate(zip(outputs, prompts, fields)):
         for completion in request.outputs:
             token_ids = list(completion.token_ids)
-            if completion.logprobs is None or len(completion.logprobs) != len(token_ids):
-                raise RuntimeError("vLLM returned no per-token logprobs; the request must ask for logprobs=0")
             # vLLM's floats are the sampler's fp32 values, so this cast is exact.
-            logprobs = torch.tensor(
-                [position[token].logprob for position, token in zip(completion.logprobs, token_ids)],
-                dtype=torch.float32,
-            )
+            logprobs = torch.tensor(sampled_logprobs(completion.logprobs, token_ids), dtype=torch.float32)
+            text = completion.text if tokenizer is None else tokenizer.decode(token_ids, skip_special_tokens=True)
             samples.append(
                 Sample(
                     prompt_index=prompt_index,
                     prompt=prompt,
-                    completion=completion.text,
+                    completion=text,
                     prompt_ids=list(request.prompt_token_ids),
                     completion_ids=token_ids,
                     logprobs=logprobs,
@@ -78,6 +87,7 @@ class Generator:
         self.model_cfg, self.gen_cfg, self.replica, self.tp = model_cfg, gen_cfg, replica, tp
         self.graphs = uses_cuda_graphs(gen_cfg, device_type)
         self.llm = LLM(**engine_args(model_cfg, gen_cfg, device_type, tp, dp))
+        self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self.num_calls = 0
 
@@ -90,8 +100,11 @@ class Generator:
 
         if self.model_cfg.impl == "lockstep":
             temperature = 0.0 if temperature == 0 else 1.0
+        # Flat logprobs and no per-token detokenizing: vLLM's per-token output work is most of
+        # a small model's decode step on the host; to_samples decodes each completion once.
         return SamplingParams(
-            n=n, temperature=temperature, top_p=self.gen_cfg.top_p, max_tokens=max_tokens, seed=seed, logprobs=0
+            n=n, temperature=temperature, top_p=self.gen_cfg.top_p, max_tokens=max_tokens, seed=seed, logprobs=0,
+            flat_logprobs=True, detokenize=False,
         )
 
     def generate(
@@ -125,7 +138,7 @@ class Generator:
         params = [self.sampling_params(n=n, temperature=temperature, max_tokens=max_tokens, seed=s) for s in seeds]
         self._use_temperature(temperature)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return to_samples(outputs, prompts, fields, self.version, seeds)
+        return to_samples(outputs, prompts, fields, self.version, seeds, self.tokenizer)
 
     def audit(
         self, prompt_ids: list[int], seed: int, temperature: float, max_tokens: int, expected_version: int
@@ -153,7 +166,7 @@ class Generator:
         self._use_temperature(temperature)
         with Capture(self.model().model) as capture:
             outputs = self.llm.generate([{"prompt_token_ids": list(prompt_ids)}], params, use_tqdm=False)
-        (sample,) = to_samples(outputs, [""], [{}], self.version, [seed])
+        (sample,) = to_samples(outputs, [""], [{}], self.version, [seed], self.tokenizer)
         return CapturedRun(
             prompt_ids=list(sample.prompt_ids),
             completion_ids=sample.completion_ids,

@@ -112,6 +112,27 @@ def test_outputs_become_samples_with_exact_fp32_logprobs():
         to_samples(no_logprobs, ["a"], [{}], 0)
 
 
+def test_flat_logprobs_and_one_decode_per_completion():
+    """What the Generator asks vLLM for (flat_logprobs, detokenize=False): the values come from
+    the flat list, the text from one decode of the completion's ids."""
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    values = torch.randn(4, dtype=torch.float32).tolist()
+    ids = [11, 12, 13, 14]
+    flat = FlatLogprobs()
+    for token, value in zip(ids, values):
+        flat.append({token: Logprob(logprob=value, rank=3, decoded_token=None)})
+    tokenizer = SimpleNamespace(decode=lambda token_ids, skip_special_tokens: "|".join(map(str, token_ids)))
+    outputs = [SimpleNamespace(prompt_token_ids=[1], outputs=[SimpleNamespace(token_ids=ids, text="", logprobs=flat, index=0)])]
+    (sample,) = to_samples(outputs, ["p"], [{}], 0, [5], tokenizer)
+    assert torch.equal(sample.logprobs, torch.tensor(values, dtype=torch.float32))
+    assert sample.completion == "11|12|13|14" and sample.seed == 5
+    # A flat container that is not one sampled entry per position goes position by position.
+    flat.append({99: Logprob(logprob=-1.0, rank=1, decoded_token=None)})
+    with pytest.raises(RuntimeError, match="logprobs=0"):
+        to_samples(outputs, ["p"], [{}], 0, [5], tokenizer)
+
+
 # -- GeneratorActor on a proc mesh, weights through torchstore ---------------------------------
 
 
