@@ -10,13 +10,15 @@ sequence decodes exactly `--new-tokens`):
   lockstep-eager    the same with generator.enforce_eager=true
   stock-graphs      vLLM's own Qwen3 and kernels, vLLM's defaults (torch.compile + CUDA graphs)
   stock-invariant   stock-graphs with VLLM_BATCH_INVARIANT=1 (vLLM's own batch-invariant mode)
+  lockstep-v2       lockstep-graphs on vLLM's V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1; lockstep's
+                    default is V1): only when named in --engines
 
 At each batch size B (B prompts, one sample each): a warm-up call, then the median over
 `--repeats` of the time of a call that generates 1 token (prefill) and of one that generates
 N = --new-tokens. ms per decode step = (t_N - t_1) / (N - 1); output tokens/s = B * N / t_N.
-Parity (lockstep-graphs; lockstep-eager on CPU): 256 prompts whose lengths of completion differ (so the decode batch
-shrinks through sizes that are padded to captured graphs), scored by the trainer; the count of
-differing tokens and bits must be 0.
+Parity (lockstep-graphs and lockstep-v2; lockstep-eager on CPU): 256 prompts whose completions
+differ in length (so the decode batch shrinks through sizes that are padded to captured graphs),
+scored by the trainer; the count of differing tokens and bits must be 0.
 
 The checkpoints (Qwen3 shapes, bf16, random weights, ascii tokenizer padded to the vocab) are
 written locally, no hub (`lockstep.models.tiny.write_random_checkpoint`).
@@ -46,6 +48,7 @@ ENGINES = {  # in the order they run: what matters most first, if --time-budget 
     "stock-graphs": dict(impl="stock", eager=False, env={}),
     "stock-invariant": dict(impl="stock", eager=False, env={"VLLM_BATCH_INVARIANT": "1"}),
     "lockstep-eager": dict(impl="lockstep", eager=True, env={}),
+    "lockstep-v2": dict(impl="lockstep", eager=False, env={"VLLM_USE_V2_MODEL_RUNNER": "1"}, default=False),
 }
 BASELINE = "stock-graphs"
 SMOKE_DIMS = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128,
@@ -137,7 +140,7 @@ def drive(args) -> dict:
     from lockstep.models.tiny import QWEN3_SHAPES, write_random_checkpoint
 
     start = time.perf_counter()
-    parity_engine = "lockstep-graphs" if args.device == "cuda" else "lockstep-eager"
+    parity_engines = {"lockstep-graphs", "lockstep-v2"} if args.device == "cuda" else {"lockstep-eager"}
     report = dict(dtype=args.dtype, new_tokens=args.new_tokens, batches=args.batches, engines=args.engines,
                   baseline=BASELINE, environment=environment(args.device, gpu_name=False), shapes={})
     for shape in args.shapes:
@@ -155,7 +158,7 @@ def drive(args) -> dict:
             argv = ["--only", engine, "--ckpt", str(ckpt), "--dtype", args.dtype, "--device", args.device,
                     "--gpu-mem", str(args.gpu_mem), "--new-tokens", str(args.new_tokens),
                     "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
-            if engine == parity_engine and not args.no_parity:
+            if engine in parity_engines and not args.no_parity:
                 argv.append("--parity")
             results[engine] = spawn(__file__, argv, left, ENGINES[engine]["env"])
             if args.out:  # after every part, so a run cut short keeps what it measured
@@ -191,8 +194,7 @@ def table(report: dict) -> str:
                 tok_x = f"{ours['tokens_per_s'] / stock['tokens_per_s']:.2f}" if stock else "-"
                 cells += [f"{ours['ms_per_step']:.2f}", ms_x, f"{ours['tokens_per_s']:,.0f}", tok_x]
             lines.append(f"| {engine} | " + " | ".join(cells) + " |")
-        parity_engine, parity = next(((e, r["parity"]) for e, r in res.items() if "parity" in r), (None, None))
-        if parity:
+        for parity_engine, parity in ((e, r["parity"]) for e, r in res.items() if "parity" in r):
             lines.append("")
             lines.append(f"parity, {parity_engine} vs trainer ({parity['num_tokens']:,} tokens, completions of "
                          f"{parity['completion_lengths'][0]}-{parity['completion_lengths'][1]} tokens): "
@@ -223,15 +225,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.shapes = args.shapes or (["smoke"] if args.smoke else ["0.6B", "1.7B"])
     args.dtype = args.dtype or ("float32" if args.smoke else "bfloat16")
-    args.engines = args.engines or (["lockstep-eager"] if args.smoke else list(ENGINES))
+    args.engines = args.engines or (["lockstep-eager"] if args.smoke else
+                                    [name for name, spec in ENGINES.items() if spec.get("default", True)])
     args.batches = args.batches or ([1, 4] if args.smoke else [1, 8, 64, 256])
     args.new_tokens = args.new_tokens or (8 if args.smoke else 128)
     if args.only:
         run_part(lambda: bench_engine(args), args.result)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible here; use --device cpu (with --smoke)")
-    if args.device == "cpu" and "lockstep-graphs" in args.engines:
-        raise SystemExit("lockstep-graphs needs a GPU (vLLM's CPU backend captures no graphs); pass --engines")
+    if args.device == "cpu" and {"lockstep-graphs", "lockstep-v2"} & set(args.engines):
+        raise SystemExit("lockstep-graphs and lockstep-v2 need a GPU (vLLM's CPU backend captures no graphs); "
+                         "pass --engines")
 
     report = drive(args)
     report["environment"] = environment(args.device)  # the parts are done: CUDA may start here
