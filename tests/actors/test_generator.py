@@ -119,18 +119,23 @@ def test_flat_logprobs_and_one_decode_per_completion():
 
     values = torch.randn(4, dtype=torch.float32).tolist()
     ids = [11, 12, 13, 14]
-    flat = FlatLogprobs()
-    for token, value in zip(ids, values):
-        flat.append({token: Logprob(logprob=value, rank=3, decoded_token=None)})
+
+    def outputs(extra: dict):
+        flat = FlatLogprobs()
+        for token, value in zip(ids, values):
+            flat.append({token: Logprob(logprob=value, rank=3, decoded_token=None), **extra})
+        done = SimpleNamespace(token_ids=ids, text="", logprobs=flat, index=0)
+        return [SimpleNamespace(prompt_token_ids=[1], outputs=[done])], flat
+
     tokenizer = SimpleNamespace(decode=lambda token_ids, skip_special_tokens: "|".join(map(str, token_ids)))
-    outputs = [SimpleNamespace(prompt_token_ids=[1], outputs=[SimpleNamespace(token_ids=ids, text="", logprobs=flat, index=0)])]
-    (sample,) = to_samples(outputs, ["p"], [{}], 0, [5], tokenizer)
-    assert torch.equal(sample.logprobs, torch.tensor(values, dtype=torch.float32))
-    assert sample.completion == "11|12|13|14" and sample.seed == 5
-    # A flat container that is not one sampled entry per position goes position by position.
-    flat.append({99: Logprob(logprob=-1.0, rank=1, decoded_token=None)})
+    for extra in ({}, {99: Logprob(logprob=-9.0, rank=1, decoded_token=None)}):  # sampled only; + a top-1
+        out, flat = outputs(extra)
+        (sample,) = to_samples(out, ["p"], [{}], 0, [5], tokenizer)
+        assert torch.equal(sample.logprobs, torch.tensor(values, dtype=torch.float32))
+        assert sample.completion == "11|12|13|14" and sample.seed == 5
+    flat.append({7: Logprob(logprob=-1.0, rank=1, decoded_token=None)})  # a position without a token
     with pytest.raises(RuntimeError, match="logprobs=0"):
-        to_samples(outputs, ["p"], [{}], 0, [5], tokenizer)
+        to_samples(out, ["p"], [{}], 0, [5], tokenizer)
 
 
 # -- GeneratorActor on a proc mesh, weights through torchstore ---------------------------------
