@@ -228,11 +228,12 @@ def test_a_simulated_host_that_dies_restarts_the_run_then_is_one_line_and_leaves
 def test_tp2_generator_against_fsdp_trainer_differs_in_no_bit(tmp_path, tb_scalars):
     """local-cpu-tp2: one vLLM engine tensor-parallel over 2 procs (each holding half of
     every matrix) against an FSDP trainer over 2 procs, strict barrier: 0 differing tokens
-    on every step, weight syncs between them included."""
-    num_steps = 3
+    on every step; step 2 samples from the weights step 1 trained, synced across the layouts."""
+    num_steps = 2
     result = run_main("--mesh", "local-cpu-tp2", "--steps", str(num_steps), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     scalars = tb_scalars(run_dir)
     assert scalars["barrier/num_differing_tokens"] == [0.0] * num_steps
     assert min(scalars["barrier/num_tokens"]) > 0
+    assert scalars["policy_version"] == [1.0, 2.0]
