@@ -186,9 +186,11 @@ def _wait_for_line(proc, log: Path, prefix: str, contains: str = "", timeout_s: 
 
 
 @pytest.mark.slow
-def test_a_simulated_host_that_dies_restarts_the_run_then_is_one_line_and_leaves_nothing(tmp_path, proc_gone, descendants):
-    """local-2host from the command line (training on it under the strict barrier, run to the
-    end: test_hosts.py's Session test). Kill host 1's worker (the trainer's host) after the
+def test_a_simulated_host_that_dies_restarts_the_run_then_is_one_line_and_leaves_nothing(
+        tmp_path, proc_gone, descendants, tb_scalars):
+    """local-2host from the command line: generator and reward on host 0, FSDP trainer on
+    host 1, each host a Monarch worker process; the trained weights cross hosts after every
+    step, under the strict barrier. Kill host 1's worker (the trainer's host) after the
     step-1 checkpoint: the run respawns its meshes on fresh simulated hosts and goes on bit for
     bit. Kill it again with no restart left: one error line naming the host, and no worker or
     proc outlives the run."""
@@ -213,6 +215,11 @@ def test_a_simulated_host_that_dies_restarts_the_run_then_is_one_line_and_leaves
     (step1,) = [line for line in lines if line.startswith("step    1 |")]
     (step2,) = [line for line in lines if line.startswith("step    2 |")]  # after the restart
     assert "| diff_tok 0 |" in step1 and "| diff_tok 0 |" in step2, (step1, step2)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    scalars = tb_scalars(run_dir)
+    assert scalars["barrier/num_differing_tokens"] == [0.0, 0.0] and min(scalars["barrier/num_tokens"]) > 0
+    assert scalars["policy_version"] == [1.0, 2.0]
+    assert len(started) >= 2 * 7, started  # 2 workers and the 5 procs under them, before and after the restart
     assert not any(line.startswith("lockstep: 20 steps") for line in lines)
     assert all(proc_gone(pid) for pid in started), "a worker or proc outlived the run"
 
@@ -221,11 +228,12 @@ def test_a_simulated_host_that_dies_restarts_the_run_then_is_one_line_and_leaves
 def test_tp2_generator_against_fsdp_trainer_differs_in_no_bit(tmp_path, tb_scalars):
     """local-cpu-tp2: one vLLM engine tensor-parallel over 2 procs (each holding half of
     every matrix) against an FSDP trainer over 2 procs, strict barrier: 0 differing tokens
-    on every step, weight syncs between them included."""
-    num_steps = 3
+    on every step; step 2 samples from the weights step 1 trained, synced across the layouts."""
+    num_steps = 2
     result = run_main("--mesh", "local-cpu-tp2", "--steps", str(num_steps), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     scalars = tb_scalars(run_dir)
     assert scalars["barrier/num_differing_tokens"] == [0.0] * num_steps
     assert min(scalars["barrier/num_tokens"]) > 0
+    assert scalars["policy_version"] == [1.0, 2.0]

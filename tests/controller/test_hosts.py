@@ -238,56 +238,6 @@ def test_inside_a_slurm_allocation_it_attaches_to_the_workers_on_its_nodes(tmp_p
         workers.stop()
 
 
-# Run in a subprocess (ProcessJob imports monarch.job, hence Flask, which breaks vLLM in the same
-# process): a Session on local-2host, as in a notebook.
-SESSION_SCRIPT = """
-import json, os, sys
-from lockstep import Session
-
-def descendants(pid):
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-with Session(mesh="local-2host", echo=False, data={"prompts_per_step": 2}, generator={"num_samples": 4},
-             loop={"log_dir": sys.argv[1]}) as session:
-    started = descendants(os.getpid())
-    session.run(2)
-    samples = session.generate(["3+4=", "2*5="], n=2)
-print(json.dumps({"started": started, "samples": [(s.prompt_index, s.policy_version) for s in samples]}))
-"""
-
-
-@pytest.mark.slow
-def test_a_session_trains_on_simulated_hosts_under_the_strict_barrier(tmp_path, proc_gone, tb_scalars):
-    """local-2host through the notebook / Session path: generator and reward on host 0, FSDP
-    trainer on host 1, each host a Monarch worker process; the trained weights cross hosts
-    after every step. Strict barrier (the default): 0 differing tokens on both steps; the
-    generator then samples from the step-2 weights, and nothing outlives the session."""
-    script = tmp_path / "session.py"
-    script.write_text(SESSION_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
-                            timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(out["started"]) >= 7, out  # 2 workers and the 5 procs under them
-    scalars = tb_scalars(tmp_path / "run")
-    assert scalars["barrier/num_differing_tokens"] == [0.0, 0.0]
-    assert min(scalars["barrier/num_tokens"]) > 0 and scalars["policy_version"] == [1.0, 2.0]
-    assert out["samples"] == [[0, 2], [0, 2], [1, 2], [1, 2]]
-    assert all(proc_gone(pid) for pid in out["started"]), "a worker or proc outlived the session"
-
-
 def test_the_sbatch_example_matches_the_mesh_it_runs():
     script = Path(__file__).resolve().parents[2] / "examples" / "slurm" / "lockstep.sbatch"
     subprocess.run(["bash", "-n", str(script)], check=True)  # parses
