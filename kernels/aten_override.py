@@ -1,8 +1,9 @@
 """Swap aten's mm, addmm, bmm, _log_softmax and mean for invariant versions, process-wide.
 
-For code we do not own (e.g. vLLM's sampler) that calls torch ops directly. The overrides
-run lockstep's fixed-tile trees: slower than BLAS, but a row's result no longer depends on
-the batch. `enable()` / `disable()`, or `with invariant_mode(): ...`.
+For code we do not own that calls torch ops directly (the generator no longer needs it: its
+logprobs come from the model's own log_softmax). The overrides run lockstep's fixed-tile
+trees: slower than BLAS, but a row's result no longer depends on the batch. `enable()` /
+`disable()`, or `with invariant_mode(): ...`.
 """
 
 import contextlib
