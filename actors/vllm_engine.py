@@ -3,9 +3,9 @@
 Parity rules (see docs/architecture.md): prefix caching off. impl=lockstep: `compute_logits`
 returns our log_softmax(logits / temperature) (models/vllm/qwen3.py), vLLM samples from it at
 temperature 1 and, with `logprobs_mode="processed_logits"`, reports the sampled entry: the
-value `lockstep.kernels.token_logprobs` computes on the trainer side, with no softmax of vLLM's
-in between (so no model runner's sampler arithmetic matters). impl=stock: vLLM's own logits
-and `processed_logprobs`.
+value `lockstep.kernels.token_logprobs` computes on the trainer side; vLLM's own softmax only
+draws the token (so no model runner's sampler arithmetic reaches the logprob). impl=stock:
+vLLM's own logits and `processed_logprobs`.
 
 CUDA graphs: on a GPU, impl=lockstep decode steps replay captured graphs of our whole model
 (vLLM's FULL_DECODE_ONLY, no torch.compile: the model is custom ops end to end); a batch padded

@@ -135,8 +135,8 @@ class LockstepQwen3ForCausalLM(nn.Module):
 
         vLLM samples from these at temperature 1 (the same distribution as logits at T) and,
         with logprobs_mode="processed_logits", returns the sampled token's entry: the logprob
-        comes from our kernel, bit for bit what the trainer's token_logprobs computes, and
-        vLLM computes no softmax of its own (actors/vllm_engine.py)."""
+        comes from our kernel, bit for bit what the trainer's token_logprobs computes; vLLM's
+        softmax only draws the token (actors/vllm_engine.py)."""
         return kernels.log_softmax(self.model.logits(hidden_states), self.sampling_temperature)
 
     def set_sampling_temperature(self, temperature: float) -> None:
