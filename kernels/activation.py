@@ -7,7 +7,7 @@ Gate is the first half, up the second (vLLM's layout). fp32 inside; sigmoid thro
 import torch
 from torch import Tensor
 
-from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._dispatch import op, triton_fn
 from lockstep.kernels._math import det_exp
 
 
@@ -38,7 +38,7 @@ def _check(gate_up: Tensor) -> None:
         raise ValueError(f"silu_mul: last dim of gate_up must be even (gate | up), got {gate_up.shape[-1]}")
 
 
-@torch.library.custom_op("lockstep::silu_mul", mutates_args=())
+@op("silu_mul", mutates_args=())
 def _silu_mul_op(gate_up: Tensor) -> Tensor:
     _check(gate_up)
     fn = triton_fn("activation", "silu_mul_fwd") if gate_up.is_cuda else None
@@ -57,7 +57,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
-@torch.library.custom_op("lockstep::silu_mul_backward", mutates_args=())
+@op("silu_mul_backward", mutates_args=())
 def _silu_mul_backward_op(grad: Tensor, gate_up: Tensor) -> Tensor:
     fn = triton_fn("activation", "silu_mul_bwd") if gate_up.is_cuda else None
     if fn is None:

@@ -13,7 +13,7 @@ Varlen is the paged case with block size 1: key p of sequence b is row cu_seqlen
 import torch
 from torch import Tensor
 
-from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._dispatch import op, triton_fn
 from lockstep.kernels._math import det_exp, det_log
 from lockstep.kernels._tree import tiled_sum, tree_fold
 
@@ -194,7 +194,7 @@ def attention_varlen_backward_reference(grad_out, q, k, v, out, lse, cu_seqlens,
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@torch.library.custom_op("lockstep::attention_varlen", mutates_args=())
+@op("attention_varlen", mutates_args=())
 def _attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     _check_qkv(q, k, v)
     _check_cu(cu_seqlens, q.shape[0], "cu_seqlens")
@@ -215,7 +215,7 @@ def _setup(ctx, inputs, output):
     ctx.scale = scale
 
 
-@torch.library.custom_op("lockstep::attention_varlen_backward", mutates_args=())
+@op("attention_varlen_backward", mutates_args=())
 def _attention_varlen_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -238,7 +238,7 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_varlen_op.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("lockstep::attention_paged", mutates_args=("out",))
+@op("attention_paged", mutates_args=("out",))
 def _attention_paged_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, cu_seqlens_q: Tensor,
     scale: float, out: Tensor,

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._dispatch import op, triton_fn
 
 
 def write_kv_cache_reference(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -17,7 +17,7 @@ def write_kv_cache_reference(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Ten
     v_cache[blk, off] = v.to(v_cache.dtype)
 
 
-@torch.library.custom_op("lockstep::write_kv_cache", mutates_args=("k_cache", "v_cache"))
+@op("write_kv_cache", mutates_args=("k_cache", "v_cache"))
 def _write_kv_cache_op(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k.shape != v.shape or k.shape[1:] != k_cache.shape[2:]:
         raise ValueError(

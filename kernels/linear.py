@@ -10,12 +10,13 @@ CUDA runs its own fixed order (chains of `triton.linear.CHAIN_K`), see kernels/t
 launch on CUDA (q/k/v and gate/up share their input).
 """
 
+from itertools import accumulate
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._dispatch import op, triton_fn
 from lockstep.kernels._tree import halving_sum, tree_fold
 
 TILE_K = 32
@@ -83,13 +84,13 @@ def _partial_2d(x2d: Tensor, w: Tensor) -> Tensor:
     return fn(x2d, w) if fn is not None else linear_partial_reference(x2d, w)
 
 
-@torch.library.custom_op("lockstep::linear_partial", mutates_args=())
+@op("linear_partial", mutates_args=())
 def _linear_partial_op(x: Tensor, weight: Tensor) -> Tensor:
     _check(x, weight)
     return _partial_2d(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("lockstep::linear", mutates_args=())
+@op("linear", mutates_args=())
 def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     _check(x, weight)
     x2d = x.reshape(-1, x.shape[-1])
@@ -116,17 +117,32 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1])
 
 
+def _cublas(*operands: Tensor) -> bool:
+    """Whether a backward matmul goes to cuBLAS: CUDA operands of one fp32/bf16/fp16 dtype.
+
+    cuBLAS repeats bit for bit for a given shape, and gradients only have to repeat (the
+    generator never computes them); it is several times faster than the invariant kernel at
+    training shapes. CPU keeps the reference tree, whose K-shards combine exactly (the TP tests)."""
+    first = operands[0]
+    return first.is_cuda and first.dtype != torch.float64 and all(t.dtype == first.dtype for t in operands)
+
+
+def _grad_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in a's dtype, fp32 accumulation."""
+    return torch.mm(a, b) if _cublas(a, b) else _partial_2d(a, b.t()).to(a.dtype)
+
+
 def _grads(ctx, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
-    """grad_x = grad @ W (tree over N), grad_W = grad^T @ x (tree over tokens)."""
+    """grad_x = grad @ W, grad_W = grad^T @ x (the reduction over tokens)."""
     x, w = ctx.saved_tensors
     # linear_partial's grad is fp32 while bf16 operands stay bf16: take grads in the operands'
-    # dtype, as autograd of (x @ w.T).float() does (the GPU kernels take one dtype).
+    # dtype, as autograd of (x @ w.T).float() does.
     g2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_x = _linear_partial_op(g2d, w.t()).to(x.dtype).reshape(x.shape)
+        grad_x = _grad_mm(g2d, w).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        grad_w = _linear_partial_op(g2d.t(), x.reshape(-1, x.shape[-1]).t()).to(w.dtype)
+        grad_w = _grad_mm(g2d.t(), x.reshape(-1, x.shape[-1])).to(w.dtype)
     return grad_x, grad_w, g2d
 
 
@@ -139,8 +155,7 @@ def _linear_backward(ctx, grad):
     grad_x, grad_w, g2d = _grads(ctx, grad)
     grad_b = None
     if ctx.needs_input_grad[2]:
-        ones = g2d.new_ones(1, g2d.shape[0])
-        grad_b = _linear_partial_op(ones, g2d.t()).reshape(-1).to(ctx.bias_dtype)
+        grad_b = _partial_2d(g2d.new_ones(1, g2d.shape[0]), g2d.t()).reshape(-1).to(ctx.bias_dtype)
     return grad_x, grad_w, grad_b
 
 
@@ -153,8 +168,10 @@ _linear_partial_op.register_autograd(_linear_partial_backward, setup_context=_se
 _linear_op.register_autograd(_linear_backward, setup_context=_setup_linear)
 
 
-@torch.library.custom_op("lockstep::linear_group", mutates_args=())
-def _linear_group_op(x: Tensor, weights: list[Tensor]) -> Tensor:
+@op("linear_group", mutates_args=())
+def _linear_group_op(x: Tensor, w0: Tensor, w1: Optional[Tensor], w2: Optional[Tensor]) -> Tensor:
+    # Three weight slots, not a list: autograd.Function (the eager path) tracks no tensor in a list.
+    weights = [w for w in (w0, w1, w2) if w is not None]
     for w in weights:
         _check(x, w)
     x2d = x.reshape(-1, x.shape[-1])
@@ -167,30 +184,42 @@ def _linear_group_op(x: Tensor, weights: list[Tensor]) -> Tensor:
 
 
 @_linear_group_op.register_fake
-def _(x, weights):
-    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+def _(x, w0, w1, w2):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in (w0, w1, w2) if w is not None)))
 
 
 def _setup_group(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], *inputs[1])
+    x, *slots = inputs
+    ctx.slots = [w is not None for w in slots]
+    ctx.save_for_backward(x, *(w for w in slots if w is not None))
 
 
 def _linear_group_backward(ctx, grad):
-    """grad_x = sum_i grad_i @ W_i in fp32, in weight order (one rounding); grad_W_i as in linear."""
+    """grad_W_i as in linear; grad_x = sum_i grad_i @ W_i, on CPU as fp32 partials added in
+    weight order and rounded once (what the TP backward rebuilds from its ranks)."""
     x, *weights = ctx.saved_tensors
     g2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
     x2d = x.reshape(-1, x.shape[-1])
-    grad_x, grad_ws, col = None, [], 0
-    for w in weights:
-        g = g2d[:, col : col + w.shape[0]]
-        col += w.shape[0]
-        if ctx.needs_input_grad[0]:
-            part = _linear_partial_op(g, w.t())
-            grad_x = part if grad_x is None else grad_x + part
-        grad_ws.append(_linear_partial_op(g.t(), x2d.t()).to(w.dtype) if ctx.needs_input_grad[1] else None)
-    if grad_x is not None:
-        grad_x = grad_x.to(x.dtype).reshape(x.shape)
-    return grad_x, grad_ws
+    cols = list(accumulate((w.shape[0] for w in weights), initial=0))
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        if _cublas(g2d, *weights):
+            grad_x = torch.mm(g2d, weights[0] if len(weights) == 1 else torch.cat(weights))
+        else:
+            parts = [_partial_2d(g2d[:, c0:c1], w.t()) for w, c0, c1 in zip(weights, cols, cols[1:])]
+            grad_x = sum(parts[1:], parts[0]).to(x.dtype)
+        grad_x = grad_x.reshape(x.shape)
+    needs_w = iter(ctx.needs_input_grad[1:])
+    grads_w, i = [], 0
+    for present in ctx.slots:
+        needs = next(needs_w)
+        if not present:
+            grads_w.append(None)
+            continue
+        w, c0, c1 = weights[i], cols[i], cols[i + 1]
+        i += 1
+        grads_w.append(_grad_mm(g2d[:, c0:c1].t(), x2d).to(w.dtype) if needs else None)
+    return (grad_x, *grads_w)
 
 
 _linear_group_op.register_autograd(_linear_group_backward, setup_context=_setup_group)
@@ -205,7 +234,7 @@ def linear_group(x: Tensor, weights: "list[Tensor] | tuple[Tensor, ...]") -> Ten
     """x [..., K], weights [N_i, K] (1-3) -> [..., sum N_i] = cat of `linear(x, w_i)` (no bias)."""
     if not 0 < len(weights) <= 3:
         raise ValueError(f"linear_group takes 1-3 weights sharing x, got {len(weights)}")
-    return _linear_group_op(x, list(weights))
+    return _linear_group_op(x, *weights, *([None] * (3 - len(weights))))
 
 
 def linear_partial(x: Tensor, weight_shard: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ and `tree_fold` the partial sums, exactly as `linear.tree_combine` does for K-sh
 import torch
 from torch import Tensor
 
-from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._dispatch import op, triton_fn
 from lockstep.kernels._math import det_exp, det_log
 from lockstep.kernels._tree import tiled_sum
 
@@ -83,14 +83,14 @@ def _check(logits: Tensor, temperature: float) -> None:
         raise ValueError(f"logprobs: temperature must be > 0, got {temperature} (greedy = pass 1.0)")
 
 
-@torch.library.custom_op("lockstep::log_softmax", mutates_args=())
+@op("log_softmax", mutates_args=())
 def _log_softmax_op(logits: Tensor, temperature: float) -> Tensor:
     _check(logits, temperature)
     fn = triton_fn("logprobs", "log_softmax_fwd") if logits.is_cuda else None
     return fn(logits, temperature) if fn is not None else log_softmax_reference(logits, temperature)
 
 
-@torch.library.custom_op("lockstep::token_logprobs", mutates_args=())
+@op("token_logprobs", mutates_args=())
 def _token_logprobs_op(logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
     _check(logits, temperature)
     if ids.shape != logits.shape[:1]:
@@ -109,7 +109,7 @@ def _(logits, ids, temperature):
     return logits.new_empty(logits.shape[:1], dtype=torch.float32)
 
 
-@torch.library.custom_op("lockstep::log_softmax_backward", mutates_args=())
+@op("log_softmax_backward", mutates_args=())
 def _log_softmax_backward_op(grad: Tensor, logp: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
     return log_softmax_backward_reference(grad, logp, temperature, dtype)
 
@@ -119,7 +119,7 @@ def _(grad, logp, temperature, dtype):
     return torch.empty_like(logp, dtype=dtype)
 
 
-@torch.library.custom_op("lockstep::token_logprobs_backward", mutates_args=())
+@op("token_logprobs_backward", mutates_args=())
 def _token_logprobs_backward_op(grad: Tensor, logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
     fn = triton_fn("logprobs", "token_logprobs_bwd") if logits.is_cuda else None
     return fn(grad, logits, ids, temperature) if fn is not None else token_logprobs_backward_reference(

@@ -12,7 +12,7 @@ Backward: the inverse rotation, then the RMSNorm backward.
 import torch
 from torch import Tensor
 
-from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._dispatch import op, triton_fn
 from lockstep.kernels.rms_norm import _norm_grads, rms_norm_reference
 from lockstep.kernels.rope import _check as _check_rope
 from lockstep.kernels.rope import _rope_op, rope_reference
@@ -33,7 +33,7 @@ def _check(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor) -> None:
                          f"{tuple(q_weight.shape)} and {tuple(k_weight.shape)}")
 
 
-@torch.library.custom_op("lockstep::qk_norm_rope", mutates_args=())
+@op("qk_norm_rope", mutates_args=())
 def _qk_norm_rope_op(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, eps: float, positions: Tensor,
                      cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
     _check(q, k, q_weight, k_weight)

@@ -7,7 +7,7 @@ tiles (`_tree.tiled_sum`), sqrt and division are correctly rounded (no approxima
 import torch
 from torch import Tensor
 
-from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._dispatch import op, triton_fn
 from lockstep.kernels._tree import tiled_sum
 
 TILE_H = 32
@@ -50,7 +50,7 @@ def _check(x: Tensor, weight: Tensor) -> None:
         raise ValueError(f"rms_norm: weight must be [{x.shape[-1]}] to match x [..., H], got {tuple(weight.shape)}")
 
 
-@torch.library.custom_op("lockstep::rms_norm", mutates_args=())
+@op("rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     _check(x, weight)
     fn = triton_fn("rms_norm", "rms_norm_fwd") if x.is_cuda else None
@@ -59,7 +59,7 @@ def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return fn(x.reshape(-1, x.shape[-1]), weight, eps).reshape(x.shape)
 
 
-@torch.library.custom_op("lockstep::add_rms_norm", mutates_args=())
+@op("add_rms_norm", mutates_args=())
 def _add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     _check(x, weight)
     if residual.shape != x.shape:
@@ -82,7 +82,7 @@ def _(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("lockstep::rms_norm_backward", mutates_args=())
+@op("rms_norm_backward", mutates_args=())
 def _norm_grads(grad_y: Tensor, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     fn = triton_fn("rms_norm", "rms_norm_bwd") if x.is_cuda else None
     if fn is None:

@@ -8,7 +8,7 @@ rotation never depends on the batch. Backward is the inverse rotation.
 import torch
 from torch import Tensor
 
-from lockstep.kernels._dispatch import triton_fn
+from lockstep.kernels._dispatch import op, triton_fn
 
 _ROWS_PER_BLOCK = 256
 
@@ -64,7 +64,7 @@ def _check(q: Tensor, k: Tensor, positions: Tensor, cache: Tensor) -> None:
         raise ValueError(f"rope: position {top} >= cache rows {cache.shape[0]}; build a larger rope_cache")
 
 
-@torch.library.custom_op("lockstep::rope", mutates_args=())
+@op("rope", mutates_args=())
 def _rope_op(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
     _check(q, k, positions, cos_sin_cache)
     fn = triton_fn("rope", "rope_fwd") if q.is_cuda else None

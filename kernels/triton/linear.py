@@ -27,6 +27,7 @@ chain length is free to serve decode: CHAIN_K = 512 gives K / 512 programs per o
 import ctypes
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -264,18 +265,25 @@ def _libcuda():
     return ctypes.CDLL("libcuda.so.1")
 
 
+_threads = threading.local()  # .ready: devices whose context this thread has checked
+
+
 def _ensure_context(device_index: int) -> None:
-    """Make the device's primary context current in this thread if none is.
+    """Make the device's primary context current in this thread if none is (once per thread).
 
     The driver encodes TMA descriptors in the calling thread, which needs a current context;
     autograd's device threads may not have one yet (torch only sets it lazily, for cuBLAS).
     """
+    ready = _threads.__dict__.setdefault("ready", set())
+    if device_index in ready:
+        return
     lib, ctx = _libcuda(), ctypes.c_void_p()
     if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and not ctx.value:
         dev = ctypes.c_int()
         if lib.cuDeviceGet(ctypes.byref(dev), device_index) != 0 or \
                 lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0 or lib.cuCtxSetCurrent(ctx) != 0:
             raise RuntimeError(f"linear: could not make CUDA device {device_index}'s context current in this thread")
+    ready.add(device_index)
 
 
 def _operands(x2d, w, use_tma, block_m, block_n, block_k):

@@ -17,8 +17,9 @@ Backward (trainer): a column-parallel layer's input gradient is a sum over every
 output features. Each rank computes its fp32 partial (`linear_partial`), the partials are
 all-gathered and folded with `kernels.tree_combine` in rank order, then rounded once, as
 TP=1's backward does over the unsplit N. On CPU's tiled tree that is TP=1's bits when each
-rank's share of the features is a multiple of `kernels.TILE_K`; on GPU (chained K) it is
-deterministic but not TP=1's bits. Weight gradients are TP=1's rows on any device.
+rank's share of the features is a multiple of `kernels.TILE_K`, and weight gradients are
+TP=1's rows. On GPU the backward repeats bit for bit but is not TP=1's (chained K here, cuBLAS
+at TP=1): only the forward must match the generator.
 
 `parallelize` replaces the forward of the modules it touches on this instance (the model
 class holds no parallelism); DTensor parameters (the trainer's) are used through their

@@ -175,4 +175,5 @@ def test_linear_group_is_the_separate_linears_and_their_grads():
         assert (w.grad.double() - g64[:, a:b].T @ x64).abs().max() < 1e-5
     with pytest.raises(ValueError, match="1-3 weights"):
         linear_group(x, ws + ws)
-    torch.library.opcheck(torch.ops.lockstep.linear_group, (x.detach().requires_grad_(), ws))
+    torch.library.opcheck(torch.ops.lockstep.linear_group, (x.detach().requires_grad_(), *ws))
+    torch.library.opcheck(torch.ops.lockstep.linear_group, (x.detach().requires_grad_(), ws[0], ws[1], None))
