@@ -64,10 +64,10 @@ class Op:
     def __call__(self, *args):
         if not _plain_eager(args):
             return self.custom(*args)
-        if self.function is not None and torch.is_grad_enabled() and \
-                any(isinstance(a, Tensor) and a.requires_grad for a in args):
-            return self.function.apply(*args)
-        return self.fn(*args)
+        if not (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+            return self.fn(*args)
+        # An op without a backward keeps the custom op's own answer to a gradient request.
+        return self.custom(*args) if self.function is None else self.function.apply(*args)
 
 
 def op(name: str, mutates_args=()) -> Callable[[Callable], Op]:

@@ -6,6 +6,7 @@ equal to a fresh engine, impl=stock) are in tests/models/test_vllm_qwen3.py.
 """
 
 import asyncio
+import os
 import shutil
 import sys
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from safetensors.torch import save_file
 from lockstep.actors import weight_sync
 from lockstep.actors.generation import request_seed, to_samples
 from lockstep.actors.generator import GeneratorActor
-from lockstep.actors.vllm_engine import ARCHITECTURE, GeneratorConfig, engine_args, uses_cuda_graphs
+from lockstep.actors.vllm_engine import ARCHITECTURE, GeneratorConfig, configure_process, engine_args, uses_cuda_graphs
 from lockstep.models import ModelConfig
 from lockstep.models.qwen3 import read_safetensors
 from lockstep.models.tiny import write_tiny_checkpoint
@@ -78,6 +79,21 @@ def test_engine_args_follow_the_parity_rules(tmp_path):
     ours = engine_args(ModelConfig(path=str(path)), gen_cfg, "cuda", tp=2)
     assert ours["hf_overrides"] == {"architectures": [ARCHITECTURE]} and ours["tensor_parallel_size"] == 2
     assert ours["distributed_executor_backend"] == "external_launcher"
+
+
+def test_model_runner_is_v2_on_gpu_v1_on_cpu_and_the_environment_wins(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored afterwards, like the rest
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for device, want in (("cuda", "1"), ("cpu", "0")):
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+        configure_process(device, tp=1)
+        assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == want, device
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    configure_process("cuda", tp=1)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    configure_process("cuda", tp=1, impl="stock")  # stock keeps vLLM's own choice
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
 
 
 def test_request_seeds_are_deterministic_and_distinct():
