@@ -57,9 +57,17 @@ class Op:
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         self.custom.register_autograd(backward, setup_context=setup_context)
-        self.function = type(f"{self.name}_eager", (torch.autograd.Function,), dict(
-            forward=staticmethod(self.fn), setup_context=staticmethod(setup_context),
-            backward=staticmethod(backward)))
+        fn = self.fn
+
+        def forward(ctx, *args):
+            # setup_context runs inside forward: a Function with a separate setup_context
+            # costs an inspect.signature per call (more than the dispatcher saved).
+            output = fn(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        self.function = type(f"{self.name}_eager", (torch.autograd.Function,),
+                             dict(forward=staticmethod(forward), backward=staticmethod(backward)))
 
     def __call__(self, *args):
         if not _plain_eager(args):
