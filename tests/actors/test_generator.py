@@ -82,16 +82,17 @@ def test_engine_args_follow_the_parity_rules(tmp_path):
 
 
 def test_model_runner_is_v2_on_gpu_v1_on_cpu_and_the_environment_wins(monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored afterwards, like the rest
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # A scratch copy of the environment: nothing configure_process sets outlives the test.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in ("VLLM_USE_V2_MODEL_RUNNER", "LOCAL_RANK")})
     for device, want in (("cuda", "1"), ("cpu", "0")):
-        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+        os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
         configure_process(device, tp=1)
         assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == want, device
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     configure_process("cuda", tp=1)
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
-    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    del os.environ["VLLM_USE_V2_MODEL_RUNNER"]
     configure_process("cuda", tp=1, impl="stock")  # stock keeps vLLM's own choice
     assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
 
