@@ -209,16 +209,11 @@ def _linear_group_backward(ctx, grad):
             parts = [_partial_2d(g2d[:, c0:c1], w.t()) for w, c0, c1 in zip(weights, cols, cols[1:])]
             grad_x = sum(parts[1:], parts[0]).to(x.dtype)
         grad_x = grad_x.reshape(x.shape)
-    needs_w = iter(ctx.needs_input_grad[1:])
-    grads_w, i = [], 0
-    for present in ctx.slots:
-        needs = next(needs_w)
-        if not present:
-            grads_w.append(None)
-            continue
-        w, c0, c1 = weights[i], cols[i], cols[i + 1]
-        i += 1
-        grads_w.append(_grad_mm(g2d[:, c0:c1].t(), x2d).to(w.dtype) if needs else None)
+    grads_w = [None] * len(ctx.slots)
+    filled = [slot for slot, present in enumerate(ctx.slots) if present]
+    for slot, w, c0, c1 in zip(filled, weights, cols, cols[1:]):
+        if ctx.needs_input_grad[1 + slot]:
+            grads_w[slot] = _grad_mm(g2d[:, c0:c1].t(), x2d).to(w.dtype)
     return (grad_x, *grads_w)
 
 
