@@ -86,13 +86,19 @@ def _fail(name):
     return custom
 
 
-def test_no_grad_calls_the_function_itself():
-    x = torch.randn(3, 8, requires_grad=True)
-    w = torch.randn(4, 8, requires_grad=True)
+def test_no_grad_and_inference_calls_run_the_function_itself(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 40, generator=g, requires_grad=True)
+    w = torch.randn(4, 40, generator=g, requires_grad=True)
+    with _Passthrough(), torch.no_grad():
+        want = kernels.linear(x, w)
+    monkeypatch.setattr(linear._linear_op, "custom", _fail("linear"))
+    monkeypatch.setattr(linear._linear_op, "function", None)  # no autograd path either
     with torch.no_grad():
-        out = kernels.linear(x, w)
-    assert out.grad_fn is None
-    assert kernels.linear(x, w).grad_fn is not None
+        got = kernels.linear(x, w)
+    with torch.inference_mode():
+        got_inference = kernels.linear(x, w)
+    assert got.grad_fn is None and torch.equal(got, want) and torch.equal(got_inference, want)
 
 
 def test_tracing_and_fake_tensors_take_the_custom_op():
