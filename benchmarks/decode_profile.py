@@ -2,6 +2,8 @@
 
     python benchmarks/decode_profile.py --shape 0.6B --batches 1 64 256 --context 160
     python benchmarks/decode_profile.py --shape 0.6B --generator-json benchmarks/results/generator-h200.json
+    python benchmarks/decode_profile.py --batches 1 8 --context 8192 --split off   # long context, one program
+                                                                                   # per (sequence, kv head)
 
 The decode step vLLM replays as a CUDA graph, rebuilt outside vLLM: lockstep's Qwen3 (random
 weights, q/k/v and gate/up packed as the generator packs them) over B sequences of `--context`
@@ -106,6 +108,7 @@ def profile(step, replays: int) -> tuple[dict[str, float], float]:
 def kernel_group(name: str) -> str:
     """Kernel name -> the op it belongs to."""
     for key, group in (("_linear_kernel", "linear"), ("_fold_kernel", "linear"), ("_attention_kernel", "attention"),
+                       ("_split_kernel", "attention"), ("_merge_kernel", "attention"),
                        ("_write_kv", "kv write"), ("qk_norm_rope", "q/k norm + rope"), ("rms_norm", "rms_norm"),
                        ("silu_mul", "silu_mul"), ("log_softmax", "log_softmax"), ("index", "embedding")):
         if key in name:
@@ -122,10 +125,18 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=160, help="cached tokens per sequence (prompt + half the new)")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--generator-json", default="", help="benchmarks/generator.py's JSON: adds its wall ms/step")
+    p.add_argument("--split", default="auto", choices=("auto", "off"),
+                   help="off: no split-KV launch at any batch (same bits; for comparison)")
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile needs an NVIDIA GPU")
+    if args.split == "off":
+        import functools
+
+        from lockstep.kernels.triton import attention
+
+        attention.attention_paged_fwd = functools.partial(attention.attention_paged_fwd, split=False)
     wall = {}
     if args.generator_json:
         report = json.load(open(args.generator_json))
@@ -141,7 +152,7 @@ def main(argv=None) -> int:
         results[batch] = dict(gpu_ms=total, by_group=dict(groups), by_kernel=by_kernel)
         torch.cuda.empty_cache()
     names = sorted({g for r in results.values() for g in r["by_group"]}, key=lambda g: -results[args.batches[-1]]["by_group"].get(g, 0))
-    lines = [f"lockstep decode step, {args.shape} bf16, {args.context} cached tokens per sequence, "
+    lines = [f"lockstep decode step, {args.shape} bf16, {args.context} cached tokens per sequence, split-KV {args.split}, "
              f"{torch.cuda.get_device_name(0)}: GPU ms per step (CUDA graph replay)", "",
              "| op | " + " | ".join(f"B={b}" for b in args.batches) + " |", "|---" * (1 + len(args.batches)) + "|"]
     for name in names:
@@ -153,7 +164,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        json.dump(dict(shape=args.shape, context=args.context, results=results, wall=wall, table=text),
+        json.dump(dict(shape=args.shape, context=args.context, split=args.split, results=results, wall=wall, table=text),
                   open(args.out, "w"), indent=2)
     return 0
 

@@ -16,9 +16,19 @@ program per (query tile, kv head). Decode programs hold 64 rows on one warpgroup
 instead of 128 on two: each warp still owns 16 rows with the same wgmma instruction shape
 and the same split of keys over its lanes, so every row's dots, maxima and sums are the
 same operations in the same order (tested bit-equal), while two decode programs fit on an
-SM where one did (decode is latency-bound: a sequence has few KV tiles). No split over KV:
-at decode the programs are short chains of dependent tile loads, and a split would need the
-prefill path to merge partials the same way.
+SM where one did (decode is latency-bound: a sequence has few KV tiles).
+
+Split over KV: keys are cut into splits of SPLIT_KV absolute positions. Every path computes a
+query's online-softmax state over each split from an empty state and merges the states in
+split order (`_merge`, explicit fma), so the split is part of the arithmetic, not of the launch:
+the query-tile and sequence launches walk the splits one after another in one program; decode
+batches too small to fill the GPU (at most half an SM per (sequence, kv head)), over caches
+that may span _MIN_SPLITS splits or more, instead give
+each split its own program (`_split_kernel`, partial states in fp32) and merge them in a second
+launch (`_merge_kernel`), so a long context is read by many SMs at once. Same bits either way
+(tests/kernels/test_triton_attention.py). The split count of that launch is bounded by the
+block table's width, a host-side shape, so CUDA graphs capture it; programs past a sequence's
+length return at once.
 
 Backward (varlen only): flash-style recompute from lse; dK/dV by one program per KV tile
 walking the query tiles in order, dQ by one program per query tile walking the KV tiles in
@@ -48,6 +58,13 @@ _BWD = {
     torch.float32: (32, 4, "tf32x3"),
 }
 _LOG2E = 1.4426950408889634
+# Keys per split, in absolute positions: every path merges a query's per-split states in split
+# order (module docstring). A multiple of every BLOCK_N.
+SPLIT_KV = 256
+# The split launch (automatic for small decode batches) only where sequences may span this many
+# splits: its second launch costs more than it saves on shorter caches.
+_MIN_SPLITS = 4
+_SM_COUNT: dict = {}
 
 
 @triton.jit
@@ -79,35 +96,36 @@ def _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_
 
 
 @triton.jit
-def _attend_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_table_ptr, b, tile, kv_head, q_start,
-                 num_q, qk_scale, paged, block_size, rows_per_block, stride_qt, stride_qh, stride_kr, stride_kh,
-                 stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt, GROUP: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Query tile `tile` (TOKENS tokens x the kv group's heads) of sequence b against its keys."""
+def _load_q(q_ptr, tile, kv_head, q_start, num_q, first_pos, stride_qt, stride_qh, GROUP: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query tile `tile` of a sequence: rows = (token, head of the kv group) -> q, positions, rows."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    if paged:
-        seq_len = tl.load(seq_lens_ptr + b)
-    else:
-        seq_len = num_q
-    first_pos = seq_len - num_q  # absolute position of the first query
-
     rows = tl.arange(0, BLOCK_M)
     tok = tile * TOKENS + rows // GROUP  # query index inside the sequence
     head = kv_head * GROUP + rows % GROUP
     row_ok = (rows < TOKENS * GROUP) & (tok < num_q)
-    q_pos = first_pos + tok
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
     q_rows = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    return q, first_pos + tok, head, row_ok, q_rows
 
+
+@triton.jit
+def _attend_split(q, q_pos, split, last_pos, k_ptr, v_ptr, block_table_ptr, b, kv_head, q_start, seq_len, qk_scale,
+                  paged, block_size, rows_per_block, stride_kr, stride_kh, stride_vr, stride_vh, stride_bt,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """Online-softmax state (m, l, acc) of the rows over the keys of split `split` alone, from
+    an empty state. A row with no visible key there keeps (-inf, 0, 0): the `where` on m keeps
+    exp2(-inf - -inf) (NaN) out, and changes nothing for any other row."""
+    TILES: tl.constexpr = SPLIT // BLOCK_N
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    last_pos = first_pos + tl.minimum(num_q, (tile + 1) * TOKENS) - 1
-    for j in range(0, last_pos // BLOCK_N + 1):
+    for j in range(split * TILES, tl.minimum(last_pos // BLOCK_N + 1, (split + 1) * TILES)):
         kpos = j * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_ok = kpos < seq_len
         krows = _key_rows(b, kpos, kv_ok, q_start, paged, block_table_ptr, stride_bt, block_size, rows_per_block)
@@ -117,20 +135,68 @@ def _attend_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_tabl
         visible = (kpos[None, :] <= q_pos[:, None]) & kv_ok[None, :]
         s = tl.where(visible, s * qk_scale, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + krows[:, None] * stride_vr + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
+    return m_i, l_i, acc
 
+
+@triton.jit
+def _merge(m_a, l_a, acc_a, m_b, l_b, acc_b):
+    """State a (earlier splits) merged with split b. Explicit fma: the same rounding wherever it
+    is compiled (the compiler may not pick which product to fuse). A row with b = (-inf, 0, 0)
+    keeps a exactly (a's m is finite: split 0 always holds key 0)."""
+    m = tl.maximum(m_a, m_b)
+    scale_a = tl.exp2(m_a - m)
+    scale_b = tl.exp2(m_b - m)
+    return m, tl.fma(l_b, scale_b, l_a * scale_a), tl.fma(acc_b, scale_b[:, None], acc_a * scale_a[:, None])
+
+
+@triton.jit
+def _store_out(out_ptr, lse_ptr, m_i, l_i, acc, q_rows, head, mask, stride_ot, stride_oh, stride_lt,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
     out = tl.div_rn(acc, l_i[:, None])
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+             out.to(out_ptr.dtype.element_ty), mask=mask[:, None] & (d[None, :] < HEAD_DIM))
     if STORE_LSE:  # natural log, as the contract states
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-        tl.store(lse_ptr + q_rows * stride_lt + head, lse, mask=row_ok)
+        tl.store(lse_ptr + q_rows * stride_lt + head, lse, mask=mask)
+
+
+@triton.jit
+def _attend_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_table_ptr, b, tile, kv_head, q_start,
+                 num_q, qk_scale, paged, block_size, rows_per_block, stride_qt, stride_qh, stride_kr, stride_kh,
+                 stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt, GROUP: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """Query tile `tile` (TOKENS tokens x the kv group's heads) of sequence b against its keys:
+    split by split, each merged into the state of the ones before."""
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    if paged:
+        seq_len = tl.load(seq_lens_ptr + b)
+    else:
+        seq_len = num_q
+    first_pos = seq_len - num_q  # absolute position of the first query
+    q, q_pos, head, row_ok, q_rows = _load_q(q_ptr, tile, kv_head, q_start, num_q, first_pos, stride_qt, stride_qh,
+                                             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
+    last_pos = first_pos + tl.minimum(num_q, (tile + 1) * TOKENS) - 1
+    m_i, l_i, acc = _attend_split(q, q_pos, 0, last_pos, k_ptr, v_ptr, block_table_ptr, b, kv_head, q_start, seq_len,
+                                  qk_scale, paged, block_size, rows_per_block, stride_kr, stride_kh, stride_vr,
+                                  stride_vh, stride_bt, HEAD_DIM, BLOCK_D, PRECISION, BLOCK_M, BLOCK_N, SPLIT)
+    for split in range(1, last_pos // SPLIT + 1):
+        m_s, l_s, acc_s = _attend_split(q, q_pos, split, last_pos, k_ptr, v_ptr, block_table_ptr, b, kv_head, q_start,
+                                        seq_len, qk_scale, paged, block_size, rows_per_block, stride_kr, stride_kh,
+                                        stride_vr, stride_vh, stride_bt, HEAD_DIM, BLOCK_D, PRECISION, BLOCK_M,
+                                        BLOCK_N, SPLIT)
+        m_i, l_i, acc = _merge(m_i, l_i, acc, m_s, l_s, acc_s)
+    _store_out(out_ptr, lse_ptr, m_i, l_i, acc, q_rows, head, row_ok, stride_ot, stride_oh, stride_lt, HEAD_DIM,
+               BLOCK_D, STORE_LSE)
 
 
 @triton.jit(do_not_specialize=["num_seqs", "paged", "block_size", "rows_per_block", "stride_bt"])
@@ -139,7 +205,7 @@ def _attention_kernel(
     num_seqs, qk_scale, paged, block_size, rows_per_block,
     stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     SEQ_MAJOR: tl.constexpr,  # program_id(0) = a sequence, walking its query tiles (decode batches);
                               # else = a query tile, found by a search over cu_q
 ):
@@ -153,7 +219,7 @@ def _attention_kernel(
             _attend_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_table_ptr, b, tile, kv_head,
                          q_start, num_q, qk_scale, paged, block_size, rows_per_block, stride_qt, stride_qh,
                          stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
-                         GROUP, HEAD_DIM, BLOCK_D, STORE_LSE, PRECISION, BLOCK_M, BLOCK_N)
+                         GROUP, HEAD_DIM, BLOCK_D, STORE_LSE, PRECISION, BLOCK_M, BLOCK_N, SPLIT)
     else:
         pid = tl.program_id(0)
         b = _find_seq(pid, cu_q_ptr, num_seqs, TOKENS)
@@ -164,7 +230,96 @@ def _attention_kernel(
             _attend_tile(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_table_ptr, b, tile, kv_head,
                          q_start, num_q, qk_scale, paged, block_size, rows_per_block, stride_qt, stride_qh,
                          stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
-                         GROUP, HEAD_DIM, BLOCK_D, STORE_LSE, PRECISION, BLOCK_M, BLOCK_N)
+                         GROUP, HEAD_DIM, BLOCK_D, STORE_LSE, PRECISION, BLOCK_M, BLOCK_N, SPLIT)
+
+
+@triton.jit(do_not_specialize=["paged", "block_size", "rows_per_block", "stride_bt"])
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cu_q_ptr, seq_lens_ptr,
+    block_table_ptr, qk_scale, paged, block_size, rows_per_block,
+    stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_ot, stride_oh, stride_lt, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, STORE_LSE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+):
+    # One program per (sequence, kv head, split): that split's state of every query row, stored
+    # as a partial ([T, Hq, splits] m and l, [T, Hq, splits, BLOCK_D] acc). Split 0 also writes
+    # the final output of rows whose keys all lie in it (nothing to merge).
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    max_splits = tl.num_programs(2)
+    num_q_heads = tl.num_programs(1) * GROUP
+    q_start = tl.load(cu_q_ptr + b)
+    num_q = tl.load(cu_q_ptr + b + 1) - q_start
+    if paged:
+        seq_len = tl.load(seq_lens_ptr + b)
+    else:
+        seq_len = num_q
+    first_pos = seq_len - num_q
+    d = tl.arange(0, BLOCK_D)
+    for tile in range(0, tl.cdiv(num_q, TOKENS)):
+        last_pos = first_pos + tl.minimum(num_q, (tile + 1) * TOKENS) - 1
+        if split <= last_pos // SPLIT:
+            q, q_pos, head, row_ok, q_rows = _load_q(q_ptr, tile, kv_head, q_start, num_q, first_pos, stride_qt,
+                                                     stride_qh, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
+            m_s, l_s, acc_s = _attend_split(q, q_pos, split, last_pos, k_ptr, v_ptr, block_table_ptr, b, kv_head,
+                                            q_start, seq_len, qk_scale, paged, block_size, rows_per_block, stride_kr,
+                                            stride_kh, stride_vr, stride_vh, stride_bt, HEAD_DIM, BLOCK_D, PRECISION,
+                                            BLOCK_M, BLOCK_N, SPLIT)
+            part = (q_rows * num_q_heads + head) * max_splits + split
+            tl.store(part_m_ptr + part, m_s, mask=row_ok)
+            tl.store(part_l_ptr + part, l_s, mask=row_ok)
+            tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc_s, mask=row_ok[:, None])
+            if split == 0:
+                _store_out(out_ptr, lse_ptr, m_s, l_s, acc_s, q_rows, head, row_ok & (q_pos < SPLIT), stride_ot,
+                           stride_oh, stride_lt, HEAD_DIM, BLOCK_D, STORE_LSE)
+
+
+@triton.jit(do_not_specialize=["paged"])
+def _merge_kernel(
+    out_ptr, lse_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cu_q_ptr, seq_lens_ptr, paged, stride_ot, stride_oh,
+    stride_lt, max_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    STORE_LSE: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
+):
+    # One program per (sequence, kv head): each row's partials merged in split order, as
+    # _attend_tile merges them; rows with one split were written by _split_kernel.
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    num_q_heads = tl.num_programs(1) * GROUP
+    q_start = tl.load(cu_q_ptr + b)
+    num_q = tl.load(cu_q_ptr + b + 1) - q_start
+    if paged:
+        seq_len = tl.load(seq_lens_ptr + b)
+    else:
+        seq_len = num_q
+    first_pos = seq_len - num_q
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    for tile in range(0, tl.cdiv(num_q, TOKENS)):
+        last_pos = first_pos + tl.minimum(num_q, (tile + 1) * TOKENS) - 1
+        if last_pos >= SPLIT:
+            tok = tile * TOKENS + rows // GROUP
+            head = kv_head * GROUP + rows % GROUP
+            row_ok = (rows < TOKENS * GROUP) & (tok < num_q)
+            q_pos = first_pos + tok
+            q_rows = (q_start + tok).to(tl.int64)
+            part = (q_rows * num_q_heads + head) * max_splits
+            m_i = tl.load(part_m_ptr + part, mask=row_ok, other=0.0)
+            l_i = tl.load(part_l_ptr + part, mask=row_ok, other=1.0)
+            acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=row_ok[:, None], other=0.0)
+            for split in range(1, last_pos // SPLIT + 1):
+                # A row whose keys end before this split merges the empty state (an exact no-op),
+                # as it does in _attend_tile.
+                live = row_ok & (split <= q_pos // SPLIT)
+                m_s = tl.load(part_m_ptr + part + split, mask=live, other=-float("inf"))
+                l_s = tl.load(part_l_ptr + part + split, mask=live, other=0.0)
+                acc_s = tl.load(part_acc_ptr + (part + split)[:, None] * BLOCK_D + d[None, :], mask=live[:, None],
+                                other=0.0)
+                m_i, l_i, acc = _merge(m_i, l_i, acc, m_s, l_s, acc_s)
+            _store_out(out_ptr, lse_ptr, m_i, l_i, acc, q_rows, head, row_ok & (q_pos >= SPLIT), stride_ot,
+                       stride_oh, stride_lt, HEAD_DIM, BLOCK_D, STORE_LSE)
 
 
 @triton.jit
@@ -316,10 +471,19 @@ def _check_heads(q: torch.Tensor, num_kv_heads: int) -> int:
     return group
 
 
+def _sm_count(device: torch.device) -> int:
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
 def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scale, paged, lse, rows_per_block=None,
-                out=None, decode=None):
+                out=None, decode=None, max_len=None, split=None):
     """`decode` (None = automatic: no more query tokens than sequences; a knob for tests) gives
-    each program a whole sequence instead of a query tile. It changes no bit."""
+    each program a whole sequence instead of a query tile. `split` (None = automatic: decode
+    batches too small to fill the GPU, over caches of at least _MIN_SPLITS splits; needs
+    `max_len`, a bound on any sequence's length) gives
+    each split of SPLIT_KV keys its own program, then merges. Neither changes a bit."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_rows.shape[1]
     group = _check_heads(q, num_kv_heads)
@@ -334,34 +498,56 @@ def _launch_fwd(q, k_rows, v_rows, cu_q, seq_lens, block_table, block_size, scal
         return out
     if decode is None:
         decode = num_tokens <= num_seqs
-    block_m, block_n, num_warps, precision = (_DECODE if decode else _FWD)[q.dtype]
+    max_splits = triton.cdiv(max_len, SPLIT_KV) if max_len else 0
+    if split is None:
+        split = decode and max_splits >= _MIN_SPLITS and 2 * num_seqs * num_kv_heads <= _sm_count(q.device)
+    block_m, block_n, num_warps, precision = (_DECODE if decode or split else _FWD)[q.dtype]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    strides = (q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
+               out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, block_table.stride(0))
+    lse_arg = lse if lse is not None else out
+    meta = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, STORE_LSE=lse is not None, PRECISION=precision,
+                BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=SPLIT_KV)
+    if split:
+        if max_splits < 1:
+            raise ValueError("attention: a split launch needs max_len, a bound on the sequences' lengths")
+        part_m = torch.empty(num_tokens * num_q_heads * max_splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(part_m.numel() * block_d, dtype=torch.float32, device=q.device)
+        _split_kernel[(num_seqs, num_kv_heads, max_splits)](
+            q, k_rows, v_rows, out, lse_arg, part_m, part_l, part_acc, cu_q, seq_lens, block_table,
+            scale * _LOG2E, int(paged), block_size, rows_per_block or block_size, *strides, **meta,
+            num_warps=num_warps, num_stages=_DECODE_STAGES)
+        _merge_kernel[(num_seqs, num_kv_heads)](
+            out, lse_arg, part_m, part_l, part_acc, cu_q, seq_lens, int(paged), strides[6], strides[7], strides[8],
+            max_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, STORE_LSE=lse is not None,
+            BLOCK_M=block_m, SPLIT=SPLIT_KV, num_warps=num_warps)
+        return out
     if decode:
         grid = (num_seqs, num_kv_heads)
     else:
         grid = (triton.cdiv(num_tokens, block_m // group) + num_seqs, num_kv_heads)
     _attention_kernel[grid](
-        q, k_rows, v_rows, out, lse if lse is not None else out, cu_q, seq_lens, block_table,
-        num_seqs, scale * _LOG2E, int(paged), block_size, rows_per_block or block_size,
-        q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0, block_table.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        STORE_LSE=lse is not None, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, SEQ_MAJOR=decode,
-        num_warps=num_warps, num_stages=_DECODE_STAGES if decode else _FWD_STAGES)
+        q, k_rows, v_rows, out, lse_arg, cu_q, seq_lens, block_table,
+        num_seqs, scale * _LOG2E, int(paged), block_size, rows_per_block or block_size, *strides, **meta,
+        SEQ_MAJOR=decode, num_warps=num_warps, num_stages=_DECODE_STAGES if decode else _FWD_STAGES)
     return out
 
 
-def attention_varlen_fwd(q, k, v, cu_seqlens, scale: float, decode=None):
-    """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [B+1] -> (out [T, Hq, D], lse fp32 [T, Hq])."""
+def attention_varlen_fwd(q, k, v, cu_seqlens, scale: float, decode=None, split=False):
+    """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int [B+1] -> (out [T, Hq, D], lse fp32 [T, Hq]).
+    `split=True` (tests) takes the split launch, bounding lengths by T."""
     q, k, v = _heads_view(q), _heads_view(k), _heads_view(v)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     cu = cu_seqlens.to(torch.int32).contiguous()
     # seq_lens / block_table are not read in the varlen layout; any int32 tensors do.
-    out = _launch_fwd(q, k, v, cu, cu, cu[None, :], 1, scale, False, lse, decode=decode)
+    out = _launch_fwd(q, k, v, cu, cu, cu[None, :], 1, scale, False, lse, decode=decode, max_len=q.shape[0],
+                      split=split)
     return out, lse
 
 
 def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale: float, out=None,
-                        decode=None):
+                        decode=None, split=None):
     """q [T, Hq, D]; caches [NB, BS, Hkv, D]; block_table int [B, MB]; seq_lens [B]; cu_seqlens_q [B+1].
     Writes `out` [T, Hq, D] (new if None): the rows of the sequences' new tokens."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
@@ -378,7 +564,8 @@ def attention_paged_fwd(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     return _launch_fwd(_heads_view(q), k_rows, v_rows, cu_seqlens_q.to(torch.int32).contiguous(),
                        seq_lens.to(torch.int32).contiguous(),
-                       table.to(torch.int32), block_size, scale, True, None, rows_per_block, out, decode)
+                       table.to(torch.int32), block_size, scale, True, None, rows_per_block, out, decode,
+                       max_len=block_table.shape[1] * block_size, split=split)
 
 
 def attention_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, scale: float):

@@ -121,6 +121,58 @@ def test_sequence_major_grid_gives_the_same_bits(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [HEADS[0], HEADS[3]])
+def test_split_kv_launch_gives_the_same_bits(dtype, hq, hkv, d):
+    """Contexts over several SPLIT_KV splits: the split launch (a program per split, then the
+    merge kernel) equals the launches that walk the splits in one program, in decode, chunked
+    prefill and a whole prefill; and all are accurate against float64."""
+    attn = _attn()
+    split = attn.SPLIT_KV
+    lens = [1, split - 1, split, split + 1, 3 * split - 60, 4 * split + 77]
+    q, k, v = _qkv(sum(lens), hq, hkv, d, dtype, seed=7)
+    cu, scale = _cu(lens), d**-0.5
+    full, lse = attn.attention_varlen_fwd(q, k, v, cu, scale, decode=False)
+    assert _rel(full, _reference(q, k, v, lens, scale)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    whole, whole_lse = attn.attention_varlen_fwd(q, k, v, cu, scale, decode=True, split=True)
+    assert torch.equal(whole, full) and torch.equal(whole_lse, lse)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    k_cache, v_cache, table = _paged(k, v, lens, 16, seed=3)
+    last = (cu[1:] - 1).long()
+    cu_one = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
+    for use_split in (True, False):
+        decode = attn.attention_paged_fwd(q[last], k_cache, v_cache, table, seq_lens, cu_one, scale, split=use_split)
+        assert torch.equal(decode, full[last]), f"decode, split={use_split}"
+    # Chunked prefill through the split launch: the last 1..40 tokens of each sequence.
+    num_new = [min(n, 1 + 7 * b) for b, n in enumerate(lens)]
+    rows = torch.cat([torch.arange(int(cu[b + 1]) - m, int(cu[b + 1])) for b, m in enumerate(num_new)]).cuda()
+    chunk = attn.attention_paged_fwd(q[rows], k_cache, v_cache, table, seq_lens, _cu(num_new), scale, decode=True,
+                                     split=True)
+    assert torch.equal(chunk, full[rows])
+
+
+def test_split_kv_launch_is_automatic_for_small_decode_batches(monkeypatch):
+    """A decode batch of few sequences takes the split launch, a large one does not (same bits)."""
+    attn = _attn()
+    launches = []
+    real = attn._split_kernel
+    monkeypatch.setattr(attn, "_split_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (launches.append(grid), real[grid])[1]})())
+    for num_seqs, want in ((2, True), (64, False)):
+        launches.clear()
+        lens = [3 * attn.SPLIT_KV] * num_seqs
+        q, k, v = _qkv(sum(lens), 16, 8, 128, torch.bfloat16, seed=num_seqs)
+        k_cache, v_cache, table = _paged(k, v, lens, 16, seed=1)
+        cu = _cu(lens)
+        last = (cu[1:] - 1).long()
+        cu_one = torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda")
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        out = attn.attention_paged_fwd(q[last], k_cache, v_cache, table, seq_lens, cu_one, 128**-0.5)
+        assert bool(launches) == want
+        assert torch.equal(out, attn.attention_paged_fwd(q[last], k_cache, v_cache, table, seq_lens, cu_one,
+                                                         128**-0.5, split=not want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq,hkv,d", HEADS[:1] + HEADS[3:])
 def test_backward_matches_float64_and_is_deterministic(dtype, hq, hkv, d):
     attn = _attn()

@@ -21,7 +21,8 @@ from lockstep.models.qwen3 import read_safetensors, token_logprobs_packed
 from lockstep.models.tiny import write_tiny_checkpoint
 
 MAX_TOKENS = 12
-TEST_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96)
+TEST_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=96,
+                  max_position_embeddings=1024)  # room for the long-context test
 PROMPTS = [f"{a}+{b}=" for a in range(8) for b in range(8)]  # 64 distinct prompts
 
 
@@ -30,9 +31,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ["graphs", "eager"] if DEVICE == "cuda" else ["eager"]  # vLLM's CPU backend captures no graphs
 
 
-def _engine(path, impl="lockstep", mode="eager") -> Generator:
+def _engine(path, impl="lockstep", mode="eager", max_model_len=256) -> Generator:
     # Up to six engines share one GPU here, each with a small slice.
-    gen_cfg = GeneratorConfig(max_tokens=MAX_TOKENS, gpu_memory_utilization=0.1, enforce_eager=mode == "eager")
+    gen_cfg = GeneratorConfig(max_tokens=MAX_TOKENS, gpu_memory_utilization=0.1, enforce_eager=mode == "eager",
+                              max_model_len=max_model_len)
     generator = Generator(ModelConfig(path=str(path), impl=impl), gen_cfg, DEVICE)
     assert generator.graphs == (mode == "graphs")
     return generator
@@ -74,10 +76,11 @@ def engines(ckpt_dir, new_dir):
     parallel-state groups, and deleting one tears them down under the others."""
     made = {}
 
-    def get(impl: str, which: str, mode: str = "eager") -> Generator:
-        if (impl, which, mode) not in made:
-            made[impl, which, mode] = _engine(ckpt_dir if which == "old" else new_dir, impl, mode)
-        return made[impl, which, mode]
+    def get(impl: str, which: str, mode: str = "eager", max_model_len: int = 256) -> Generator:
+        key = (impl, which, mode, max_model_len)
+        if key not in made:
+            made[key] = _engine(ckpt_dir if which == "old" else new_dir, impl, mode, max_model_len)
+        return made[key]
 
     return get
 
@@ -121,6 +124,24 @@ def test_generator_logprobs_equal_trainer_bitwise(engine, trainer_model, tempera
     logprobs = torch.cat([s.logprobs for s in samples])
     assert (logprobs < -0.1).float().mean() > 0.3, "the test model must not be peaked"
     expected = trainer_logprobs(trainer_model, samples, temperature or 1.0)
+    for i, (s, want) in enumerate(zip(samples, expected)):
+        assert torch.equal(s.logprobs, want), (i, s.logprobs - want)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the split-KV decode launch is the GPU kernel's")
+@pytest.mark.parametrize("mode", MODES)
+def test_long_context_decode_equals_trainer_bitwise(engines, trainer_model, mode):
+    """Prompts of 600-700 tokens: every decode step reads the cache over several SPLIT_KV splits,
+    and a batch this small takes the split launch (a program per split, then the merge); the
+    trainer's prefill walks the splits in one program. Same bits."""
+    from lockstep.kernels.triton.attention import SPLIT_KV
+
+    engine = engines("lockstep", "old", mode, max_model_len=1024)
+    prompts = [(PROMPTS[i] * 200)[: 600 + 40 * i] for i in range(3)]
+    assert min(map(len, prompts)) > 2 * SPLIT_KV
+    samples = engine.generate(prompts, _fields(prompts), 0, n=2, temperature=0.7, seeds=[0, 1, 2])
+    assert all(len(s.prompt_ids) > 2 * SPLIT_KV and len(s.completion_ids) > 0 for s in samples)
+    expected = trainer_logprobs(trainer_model, samples, 0.7)
     for i, (s, want) in enumerate(zip(samples, expected)):
         assert torch.equal(s.logprobs, want), (i, s.logprobs - want)
 
