@@ -116,7 +116,10 @@ def _prepare(logits2d: torch.Tensor, temperature: float):
     num_tiles = triton.cdiv(logits2d.shape[1], TILE_V)
     num_slots = triton.next_power_of_2(num_tiles)
     scratch = torch.empty((logits2d.shape[0], 2 * num_slots), dtype=torch.float32, device=logits2d.device)
-    meta = dict(NUM_TILES=num_tiles, NUM_SLOTS=num_slots, LOG_SLOTS=num_slots.bit_length() - 1, TILE=TILE_V, STEP=_TILES_PER_STEP, num_warps=8)
+    meta = dict(NUM_TILES=num_tiles, NUM_SLOTS=num_slots, LOG_SLOTS=num_slots.bit_length() - 1, TILE=TILE_V, STEP=_TILES_PER_STEP, num_warps=8,
+                # No fused multiply-add: the compiler fuses differently around the shared
+                # row statistics in each kernel, and the kernels must agree bit for bit.
+                enable_fp_fusion=False)
     return logits2d, _slot_table(num_tiles, logits2d.device), scratch, meta
 
 
