@@ -3,6 +3,7 @@
     python benchmarks/models.py --out models.json          # Qwen3-0.6B and 1.7B dims, bf16, random weights
     python benchmarks/models.py --shapes 0.6B --time-budget 300
     python benchmarks/models.py --smoke                    # tiny dims (CPU is fine): checks the script
+    python benchmarks/models.py --shapes 0.6B --profile prof/   # + one profiled train step per impl
 
 `Trainer` (TorchTitan optimizer/scheduler) with impl=lockstep vs impl=stock (TorchTitan's Qwen3),
 on one packed batch: train_step (forward + backward + AdamW) and logprobs (no grad), 2 warm-up
@@ -65,7 +66,39 @@ def synthetic_samples(vocab_size: int, work: dict, seed: int = 0) -> list:
     ]
 
 
-def bench_trainer(model_cfg, work: dict, device: str) -> dict:
+def profile_step(fn, device: str, path: Path) -> dict:
+    """One call of fn under torch.profiler (per-op host and GPU self time), then one under
+    cProfile (host time per Python function), both written to `path`. Returns the step's wall
+    time and its summed GPU kernel time (the gap is host time the GPU does not hide)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    # Kernel rows only: an op's row repeats the time of the kernels it launched.
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    host = cProfile.Profile()
+    host.runcall(lambda: (fn(), _sync(device)))
+    stats = io.StringIO()
+    pstats.Stats(host, stream=stats).sort_stats("tottime").print_stats(40)
+    path.write_text(f"wall {wall * 1e3:.1f} ms (profiler on), GPU kernels {gpu_us / 1e3:.1f} ms\n\n"
+                    + events.table(sort_by=sort, row_limit=40) + "\n\n"
+                    + events.table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n"
+                    + "host time per Python function (cProfile, one more step)\n" + stats.getvalue())
+    return dict(profiled_wall_ms=wall * 1e3, profiled_gpu_ms=gpu_us / 1e3, profile=str(path))
+
+
+def bench_trainer(model_cfg, work: dict, device: str, profile_path: Path | None = None) -> dict:
     from lockstep.actors.trainer import Trainer, TrainerConfig
     from lockstep.actors.types import TrainBatch
     from lockstep.models import checkpoint_path
@@ -111,14 +144,20 @@ def bench_trainer(model_cfg, work: dict, device: str) -> dict:
                   last_loss=last["loss"], last_grad_norm=last["grad_norm"])
     if device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if profile_path is not None:
+        result.update(profile_step(train_step, device, profile_path))
     return result
 
 
 def _part(args) -> dict:
     from lockstep.models import ModelConfig
 
+    profile_path = None
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        profile_path = Path(args.profile) / f"train-{Path(args.ckpt).name}-{args.only}.txt"
     return bench_trainer(ModelConfig(path=args.ckpt, impl=args.only, dtype=args.dtype), WORKLOADS[args.work],
-                         args.device)
+                         args.device, profile_path)
 
 
 def drive(args) -> dict:
@@ -140,7 +179,8 @@ def drive(args) -> dict:
                 continue
             print(f"\n=== {shape} trainer {impl} ===", flush=True)
             results[impl] = spawn(__file__, ["--only", impl, "--ckpt", str(ckpt), "--dtype", args.dtype,
-                                             "--device", args.device, "--work", args.work], left)
+                                             "--device", args.device, "--work", args.work,
+                                             *(["--profile", args.profile] if args.profile else [])], left)
             if args.out:  # after every part, so a run cut short keeps what it measured
                 Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -174,6 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=0, help="seconds for the whole run (0: none)")
     p.add_argument("--ckpt-dir", default="", help="where to write the checkpoints (kept for later runs)")
     p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--profile", default="", help="also profile one train step per part; tables go in this folder")
     p.add_argument("--only", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
