@@ -23,9 +23,9 @@ query's online-softmax state over each split from an empty state and merges the 
 split order (`_merge`, explicit fma), so the split is part of the arithmetic, not of the launch:
 the query-tile and sequence launches walk the splits one after another in one program; decode
 batches too small to fill the GPU (at most half an SM per (sequence, kv head)), over caches
-that may span _MIN_SPLITS splits or more, instead give
-each split its own program (`_split_kernel`, partial states in fp32) and merge them in a second
-launch (`_merge_kernel`), so a long context is read by many SMs at once. Same bits either way
+that may span _MIN_SPLITS splits or more, instead give each split its own program
+(`_split_kernel`, partial states in fp32) and merge them in a second launch (`_merge_kernel`),
+so a long context is read by many SMs at once. Same bits either way
 (tests/kernels/test_triton_attention.py). The split count of that launch is bounded by the
 block table's width, a host-side shape, so CUDA graphs capture it; programs past a sequence's
 length return at once.
