@@ -50,11 +50,16 @@ class Hosts:
     job: object | None = None  # the Monarch job this run applied, killed by close_hosts
 
 
+async def lost_hosts(hosts: Hosts) -> list[int]:
+    """The hosts whose worker no longer accepts connections (one local connect per host)."""
+    answers = await asyncio.gather(*(_answers(a) for a in hosts.addresses))
+    return [h for h, (address, ok) in enumerate(zip(hosts.addresses, answers)) if address and not ok]
+
+
 async def lost_host_error(cfg: MeshConfig, hosts: Hosts) -> HostError | None:
     """If a host's worker no longer accepts connections, the error naming it (and the roles it
     ran); else None. Cheap (one local connect per host): call it when a call on the meshes failed."""
-    answers = await asyncio.gather(*(_answers(a) for a in hosts.addresses))
-    lost = [h for h, (address, ok) in enumerate(zip(hosts.addresses, answers)) if address and not ok]
+    lost = await lost_hosts(hosts)
     if not lost:
         return None
     host = lost[0]

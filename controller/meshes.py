@@ -27,7 +27,8 @@ from monarch.actor import Actor, HostMesh, ProcMesh, default_bootstrap_cmd
 from monarch.spmd import setup_torch_elastic_env_async
 
 from lockstep.actors.dist import Layout
-from lockstep.controller.hosts import HOSTS_DIM, HostError, Hosts, close_hosts, launch_plan, lost_host_error, open_hosts
+from lockstep.controller.hosts import (HOSTS_DIM, HostError, Hosts, close_hosts, launch_plan, lost_host_error, lost_hosts,
+                                      open_hosts)
 from lockstep.controller.mesh_config import ROLES, MeshConfig
 
 WEIGHT_SYNC_ROLES = ("trainer", "generator")  # procs that use torchstore (volumes, push, pull)
@@ -77,21 +78,24 @@ class Meshes:
 
     async def shutdown(self) -> None:
         """Stop every proc mesh this object spawned (their procs exit), then the hosts it started."""
-        spawns, self._spawns = list(self._spawns.values()), {}
+        spawns, self._spawns = dict(self._spawns), {}
         hosts_task, self._hosts = self._hosts, None
-        starting = [t for t in (*spawns, hosts_task) if t is not None and not t.done()]
+        starting = [t for t in (*spawns.values(), hosts_task) if t is not None and not t.done()]
         for task in starting:
             task.cancel()  # still starting, e.g. Ctrl-C while a SLURM job waits in the queue
         await asyncio.gather(*starting, return_exceptions=True)
-        procs = [t.result() for t in spawns if _succeeded(t)]  # a failed spawn has nothing to stop
+        # never found: nothing to close (a failed start closes its own job)
+        hosts = hosts_task.result() if hosts_task is not None and _succeeded(hosts_task) else None
+        # A mesh on a lost host cannot be stopped (its procs went with the worker): its stop may
+        # never answer, so it is not waited for.
+        lost = set(await lost_hosts(hosts)) if hosts is not None else set()
+        procs = [t.result() for role, t in spawns.items()  # a failed spawn has nothing to stop
+                 if _succeeded(t) and not lost & set(self.cfg.role(role).hosts)]
         results = await asyncio.gather(*(asyncio.wait_for(_stop(p), STOP_TIMEOUT_S) for p in procs), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
-        if hosts_task is None or not _succeeded(hosts_task):
-            hosts = None  # never found: nothing to close (a failed start closes its own job)
-        else:
-            hosts = hosts_task.result()
+        if hosts is not None:
             # Meshes on a lost host cannot be stopped; that host's error is the one to report.
-            if errors and await lost_host_error(self.cfg, hosts) is not None:
+            if errors and (lost or await lost_host_error(self.cfg, hosts) is not None):
                 errors = []
             await close_hosts(hosts)
         if errors:
