@@ -112,7 +112,7 @@ def run_one(args) -> dict:
 
 
 def run_in_process(args, shape: str, impl: str, ckpt: Path, prompts: Path, run_dir: Path, timeout_s: float) -> dict:
-    print(f"\n=== {shape} {impl} (loop.barrier={BARRIER[impl]}) on {args.mesh}, logs in {run_dir} ===", flush=True)
+    print(f"\n=== {shape} {impl} (loop.barrier={BARRIER[impl]}) on {args.mesh_name}, logs in {run_dir} ===", flush=True)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of the last one
     argv = ["--only", impl, "--ckpt", str(ckpt), "--prompts", str(prompts), "--log-dir", str(run_dir),
             "--mesh", args.mesh, "--shape", shape, "--dtype", args.dtype, "--steps", str(args.steps),
@@ -183,17 +183,17 @@ def drive(args) -> dict:
         ckpt = workdir / f"{shape}-{args.dtype}"
         print(f"writing the {shape} checkpoint to {ckpt} ...", flush=True)
         write_random_checkpoint(ckpt, shapes()[shape], args.dtype)
-        entry = dict(mesh=args.mesh, shape=shape, dims=shapes()[shape], device=device, dtype=args.dtype,
+        entry = dict(mesh=args.mesh_name, shape=shape, dims=shapes()[shape], device=device, dtype=args.dtype,
                      steps=args.steps, warmup=args.warmup, workload=args.work,
                      date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), impls={})
-        report["runs"][f"{args.mesh} {shape}"] = entry
+        report["runs"][f"{args.mesh_name} {shape}"] = entry
         for impl in args.impls:
             left = args.time_budget - (time.perf_counter() - start) if args.time_budget else 3600.0
             if left < 30:
                 entry["impls"][impl] = {"error": "skipped: out of --time-budget"}
                 continue
-            run_dir = workdir / "runs" / f"{args.mesh}-{shape}-{impl}"
+            run_dir = workdir / "runs" / f"{args.mesh_name}-{shape}-{impl}"
             entry["impls"][impl] = run_in_process(args, shape, impl, ckpt, prompts, run_dir, left)
             out.write_text(json.dumps(report, indent=2) + "\n")  # a run cut short keeps the rest
     return report
@@ -232,6 +232,12 @@ def main(argv=None) -> int:
     unknown = [s for s in args.shape if s not in shapes()]
     if unknown:
         p.error(f"--shape {unknown[0]}: choose from {sorted(shapes())}")
+    from lockstep.controller.mesh_config import load_mesh_config
+
+    try:  # a mesh file's name, not its path, names the runs
+        args.mesh_name = load_mesh_config(args.mesh).name
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
 
     if args.only:
         run_part(lambda: run_one(args), args.result)  # exits

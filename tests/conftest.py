@@ -1,7 +1,13 @@
+import multiprocessing
 import os
 import time
 
 import pytest
+
+# A mesh's procs get this long to exit once it is stopped, then they are killed (Monarch's
+# default: 10 s). Their interpreter teardown (vLLM, torch) costs seconds of CPU that no test
+# looks at. Set before Monarch is imported; subprocesses and the procs inherit it.
+os.environ.setdefault("HYPERACTOR_PROCESS_EXIT_TIMEOUT", "1s")
 
 
 def _gone(pid: int, timeout_s: float = 20.0) -> bool:
@@ -56,3 +62,18 @@ def _descendants(pid: int) -> set[int]:
 def descendants():
     """descendants(pid): the processes a run started, to check with proc_gone that none outlives it."""
     return _descendants
+
+
+@pytest.fixture(scope="session")
+def spawn():
+    """spawn(fn, args, nprocs): torch.multiprocessing.spawn (fn(rank, *args) in nprocs procs,
+    joined, a failure re-raised), but forked from one server that imported torch, TorchTitan
+    and the trainer once, instead of a fresh interpreter per proc importing them again."""
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(["lockstep.actors.trainer"])
+
+    def run(fn, args, nprocs):
+        mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+    return run

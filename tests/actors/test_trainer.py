@@ -5,7 +5,6 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lockstep.actors.grpo import assign_advantages
 from lockstep.actors.trainer import Trainer, TrainerConfig, pack_samples
@@ -285,7 +284,7 @@ FSDP_CFG = TrainerConfig(lr=1e-2, micro_batch_size=2, kl_coef=0.1)
 
 
 @pytest.mark.slow  # two spawned procs import torch + TorchTitan: ~1 min on 2 cores
-def test_fsdp_two_ranks_match_single_process(model_cfg, tmp_path):
+def test_fsdp_two_ranks_match_single_process(model_cfg, tmp_path, spawn):
     samples = make_samples(num_prompts=3, num_per_prompt=2)[:5]
     single = Trainer(model_cfg, FSDP_CFG)
     expected = single.logprobs(samples, TEMPERATURE)
@@ -295,7 +294,7 @@ def test_fsdp_two_ranks_match_single_process(model_cfg, tmp_path):
     single_fingerprint = single.fingerprint()
     single_metrics = single.train_step(TrainBatch(samples=samples, temperature=TEMPERATURE))
 
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), model_cfg, samples, str(tmp_path)), nprocs=2, join=True)
+    spawn(_fsdp_worker, (2, _free_port(), model_cfg, samples, str(tmp_path)), 2)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for result in results:
         # every rank returns the full list in sample order, bitwise the single-process values

@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lockstep.actors.grpo import assign_advantages
 from lockstep.actors.trainer import Trainer, TrainerConfig
@@ -85,8 +84,8 @@ def tp_model_cfg(tmp_path_factory):
 
 @pytest.mark.slow  # spawned procs import torch + TorchTitan: ~40 s (2 procs) to ~80 s (4) on 2 loaded cores
 @pytest.mark.parametrize("dp, world_size", [(1, 2), (2, 4)], ids=["tp2", "fsdp2xtp2"])
-def test_trainer_tp_forward_backward_is_tp1s_bits(tp_model_cfg, tmp_path, dp, world_size):
-    mp.spawn(_worker, args=(world_size, _free_port(), tp_model_cfg, str(tmp_path), dp), nprocs=world_size, join=True)
+def test_trainer_tp_forward_backward_is_tp1s_bits(tp_model_cfg, tmp_path, dp, world_size, spawn):
+    spawn(_worker, (world_size, _free_port(), tp_model_cfg, str(tmp_path), dp), world_size)
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ok")) == [f"ok{r}" for r in range(world_size)]
 
 

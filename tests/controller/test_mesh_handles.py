@@ -78,6 +78,8 @@ def test_reward_handle_merges_ranks_and_surfaces_errors(monkeypatch):
 
 def test_a_hung_rank_is_named_and_a_killed_proc_is_named(monkeypatch, proc_gone):
     monkeypatch.setattr(monarch.actor, "unhandled_fault_hook", handles.report_failure)
+    # The hung rank's probe waits all of this; an idle rank answers in milliseconds.
+    monkeypatch.setattr(handles, "_PROBE_S", 4.0)
 
     async def main():
         procs = this_host().spawn_procs(per_host={"procs": 3}, name="trainer")
