@@ -94,8 +94,8 @@ class Meshes:
         results = await asyncio.gather(*(asyncio.wait_for(_stop(p), STOP_TIMEOUT_S) for p in procs), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if hosts is not None:
-            # Meshes on a lost host cannot be stopped; that host's error is the one to report.
-            if errors and (lost or await lost_host_error(self.cfg, hosts) is not None):
+            # A host lost before or while stopping: its error (reported by the caller) is the one that matters.
+            if errors and (lost or await lost_hosts(hosts)):
                 errors = []
             await close_hosts(hosts)
         if errors:
