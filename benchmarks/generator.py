@@ -3,6 +3,7 @@
     python benchmarks/generator.py --out benchmarks/results/generator-h200.json    # 0.6B and 1.7B
     python benchmarks/generator.py --shapes 0.6B --engines lockstep-graphs stock-graphs
     python benchmarks/generator.py --smoke          # tiny dims, eager engines: checks the script (CPU)
+    python benchmarks/generator.py --rounds 3       # the engine list 3 times over, each cell the median
 
 Engines (each in its own process, through the project's `Generator`, with ignore_eos so every
 sequence decodes exactly `--new-tokens`):
@@ -19,6 +20,11 @@ N = --new-tokens. ms per decode step = (t_N - t_1) / (N - 1); output tokens/s = 
 Parity (lockstep-graphs and lockstep-v1; lockstep-eager on CPU): 256 prompts whose completions
 differ in length (so the decode batch shrinks through sizes that are padded to captured graphs),
 scored by the trainer; the count of differing tokens and bits must be 0.
+
+With `--rounds R` the engine list runs R times over, alternating (A B C, A B C, ...), each engine
+in a fresh process every time; a cell is the median over the rounds and the JSON keeps every
+round's value. On a shared host timings move between processes far more than within one (the
+same stock engine took 6.6 and 12.0 ms per B=256 step in two processes on one H200).
 
 The checkpoints (Qwen3 shapes, bf16, random weights, ascii tokenizer padded to the vocab) are
 written locally, no hub (`lockstep.models.tiny.write_random_checkpoint`).
@@ -142,28 +148,54 @@ def drive(args) -> dict:
     start = time.perf_counter()
     parity_engines = {"lockstep-graphs", "lockstep-v1"} if args.device == "cuda" else {"lockstep-eager"}
     report = dict(dtype=args.dtype, new_tokens=args.new_tokens, batches=args.batches, engines=args.engines,
-                  baseline=BASELINE, environment=environment(args.device, gpu_name=False), shapes={})
+                  rounds=args.rounds, baseline=BASELINE, environment=environment(args.device, gpu_name=False), shapes={})
     for shape in args.shapes:
         dims = SMOKE_DIMS if shape == "smoke" else QWEN3_SHAPES[shape]
         ckpt_dir = Path(args.ckpt_dir or tempfile.gettempdir()) / f"lockstep-bench-{shape}-{args.dtype}"
         print(f"writing the {shape} checkpoint to {ckpt_dir} ...", flush=True)
         ckpt = write_random_checkpoint(ckpt_dir, dims, args.dtype)
         results = report["shapes"].setdefault(shape, dict(dims=dims, results={}))["results"]
-        for engine in args.engines:
-            left = args.time_budget - (time.perf_counter() - start) if args.time_budget else 3600.0
-            if left < MIN_PART_S:
-                results[engine] = {"error": "skipped: out of --time-budget"}
-                continue
-            print(f"\n=== {shape} {engine} ===", flush=True)
-            argv = ["--only", engine, "--ckpt", str(ckpt), "--dtype", args.dtype, "--device", args.device,
-                    "--gpu-mem", str(args.gpu_mem), "--new-tokens", str(args.new_tokens),
-                    "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
-            if engine in parity_engines and not args.no_parity:
-                argv.append("--parity")
-            results[engine] = spawn(__file__, argv, left, ENGINES[engine]["env"])
-            if args.out:  # after every part, so a run cut short keeps what it measured
-                Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        parts: dict[str, list[dict]] = {engine: [] for engine in args.engines}
+        for round_ in range(args.rounds):
+            for engine in args.engines:
+                left = args.time_budget - (time.perf_counter() - start) if args.time_budget else 3600.0
+                if left < MIN_PART_S:
+                    parts[engine].append({"error": "skipped: out of --time-budget"})
+                else:
+                    print(f"\n=== {shape} {engine}" + (f", round {round_ + 1} of {args.rounds}" if args.rounds > 1 else "")
+                          + " ===", flush=True)
+                    argv = ["--only", engine, "--ckpt", str(ckpt), "--dtype", args.dtype, "--device", args.device,
+                            "--gpu-mem", str(args.gpu_mem), "--new-tokens", str(args.new_tokens),
+                            "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
+                    if engine in parity_engines and not args.no_parity and round_ == 0:  # once is enough
+                        argv.append("--parity")
+                    parts[engine].append(spawn(__file__, argv, left, ENGINES[engine]["env"]))
+                results[engine] = combine_rounds(parts[engine])
+                if args.out:  # after every part, so a run cut short keeps what it measured
+                    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def combine_rounds(parts: list[dict]) -> dict:
+    """One engine's result over its rounds: each batch's figures are the medians of the rounds
+    that measured it, every round's value kept beside them. One round is returned as it is."""
+    done = [p for p in parts if "error" not in p]
+    if len(parts) == 1 or not done:
+        return parts[0]
+    out = dict(done[0])  # engine, graphs, parity (measured in the first round)
+    out["rounds"] = len(done)
+    if len(done) < len(parts):
+        out["failed_rounds"] = [p["error"] for p in parts if "error" in p]
+    out["batches"] = {}
+    for batch in done[0]["batches"]:
+        cells = [p["batches"][batch] for p in done if batch in p.get("batches", {})]
+        out["batches"][batch] = {
+            **{key: statistics.median(c[key] for c in cells) for key in ("ms_per_step", "tokens_per_s", "seconds",
+                                                                        "prefill_seconds")},
+            "ms_per_step_rounds": [c["ms_per_step"] for c in cells], "repeats": cells[0]["repeats"],
+        }
+    out["load_s"] = statistics.median(p["load_s"] for p in done)
+    return out
 
 
 def table(report: dict) -> str:
@@ -173,6 +205,8 @@ def table(report: dict) -> str:
              f"torch {env['torch']} (CUDA {env['cuda']}), vLLM {env['vllm']}, triton {env['triton']}",
              "ms/step = decode time per step; tok/s = output tokens per second; x = ratio to "
              f"{report['baseline']} (ms: ours / stock, lower is better; tok/s: ours / stock, higher is better)"]
+    if report.get("rounds", 1) > 1:
+        lines.append(f"each cell: the median over {report['rounds']} rounds, one process per engine and round")
     for shape, entry in report["shapes"].items():
         res = entry["results"]
         base = res.get(report["baseline"], {}).get("batches", {})
@@ -211,7 +245,9 @@ def main(argv=None) -> int:
     p.add_argument("--engines", nargs="+", default=None, choices=list(ENGINES))
     p.add_argument("--batches", nargs="+", type=int, default=None, help="default: 1 8 64 256")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per sequence (default 128)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per batch size in one process (median)")
+    p.add_argument("--rounds", type=int, default=1, help="run the engine list this many times, alternating; "
+                   "each cell is the median over the rounds")
     p.add_argument("--no-parity", action="store_true")
     p.add_argument("--gpu-mem", type=float, default=0.5, help="vLLM gpu_memory_utilization")
     p.add_argument("--time-budget", type=float, default=0, help="seconds for the whole run (0: none)")
@@ -229,6 +265,8 @@ def main(argv=None) -> int:
                                     [name for name, spec in ENGINES.items() if spec.get("default", True)])
     args.batches = args.batches or ([1, 4] if args.smoke else [1, 8, 64, 256])
     args.new_tokens = args.new_tokens or (8 if args.smoke else 128)
+    if args.rounds < 1 or args.repeats < 1:
+        p.error(f"--rounds {args.rounds} --repeats {args.repeats}: each must be at least 1")
     if args.only:
         run_part(lambda: bench_engine(args), args.result)
     if args.device == "cuda" and not torch.cuda.is_available():
