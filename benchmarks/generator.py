@@ -206,13 +206,17 @@ def table(report: dict) -> str:
              "ms/step = decode time per step; tok/s = output tokens per second; x = ratio to "
              f"{report['baseline']} (ms: ours / stock, lower is better; tok/s: ours / stock, higher is better)"]
     if report.get("rounds", 1) > 1:
-        lines.append(f"each cell: the median over {report['rounds']} rounds, one process per engine and round")
+        lines.append(f"each cell: the median over the rounds an engine completed, of {report['rounds']} asked "
+                     "(one process per engine and round)")
     for shape, entry in report["shapes"].items():
         res = entry["results"]
         base = res.get(report["baseline"], {}).get("batches", {})
         lines += ["", f"## {shape}", ""]
         head = "| engine | " + " | ".join(f"B={b} ms/step | x | tok/s | x" for b in report["batches"]) + " |"
         lines += [head, "|---" * (1 + 4 * len(report["batches"])) + "|"]
+        short = {e: r.get("rounds", 1) for e, r in res.items() if "error" not in r and r.get("rounds", 1) < report.get("rounds", 1)}
+        if short:
+            lines.insert(-2, "rounds completed: " + ", ".join(f"{e} {n}" for e, n in short.items()) + "\n")
         for engine in report["engines"]:
             r = res.get(engine, {})
             if "error" in r:

@@ -65,4 +65,18 @@ def test_smoke_in_two_rounds_reports_medians_and_zero_differing_bits(tmp_path):
         assert cell["ms_per_step"] > 0 and cell["tokens_per_s"] > 0
     assert entry["parity"]["num_tokens"] > 1000
     assert entry["parity"]["num_tokens_differing"] == 0 and entry["parity"]["num_bits_differing"] == 0
-    assert "each cell: the median over 2 rounds" in result.stdout and report["table"] in result.stdout
+    assert "the median over the rounds an engine completed, of 2 asked" in result.stdout
+    assert "rounds completed" not in result.stdout and report["table"] in result.stdout
+
+
+def test_the_table_names_engines_that_completed_fewer_rounds(script):
+    env = dict(device="NVIDIA H200", torch="2.11", cuda="13.0", vllm="0.26.0", triton="3.6.0")
+    results = {"lockstep-graphs": script.combine_rounds([_part([2.0, 5.0], 30.0), {"error": "skipped: out of --time-budget"}]),
+               "stock-graphs": script.combine_rounds([_part([1.0, 4.0], 30.0), _part([3.0, 4.0], 30.0)])}
+    report = dict(dtype="bfloat16", new_tokens=128, batches=[1, 8], engines=list(results), rounds=2,
+                  baseline="stock-graphs", environment=env, shapes={"0.6B": {"results": results}})
+    text = script.table(report)
+    assert "the median over the rounds an engine completed, of 2 asked" in text
+    assert "rounds completed: lockstep-graphs 1\n" in text and "stock-graphs 1" not in text
+    # stock, B=1: the median of 1.0 and 3.0 ms, and of 1000 and 333 tok/s (medians taken separately)
+    assert "| lockstep-graphs | 2.00 | 1.00 | 500 | 0.75 | 5.00 | 1.25 |" in text
