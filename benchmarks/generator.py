@@ -289,7 +289,8 @@ def main(argv=None) -> int:
         report["table"] = text
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}")
-    failed = [f"{s}/{e}" for s, entry in report["shapes"].items() for e, r in entry["results"].items() if "error" in r]
+    failed = [f"{s}/{e}" for s, entry in report["shapes"].items() for e, r in entry["results"].items()
+              if "error" in r or r.get("failed_rounds")]
     parity_bad = [s for s, entry in report["shapes"].items() for r in entry["results"].values()
                   if r.get("parity", {}).get("num_bits_differing")]
     return 1 if failed or parity_bad else 0
