@@ -67,11 +67,13 @@ def descendants():
 @pytest.fixture(scope="session")
 def spawn():
     """spawn(fn, args, nprocs): torch.multiprocessing.spawn (fn(rank, *args) in nprocs procs,
-    joined, a failure re-raised), but forked from one server that imported torch, TorchTitan
-    and the trainer once, instead of a fresh interpreter per proc importing them again."""
+    joined, a failure re-raised), but forked from one server that imported torch and TorchTitan
+    once, instead of a fresh interpreter per proc importing them again. Nothing that imports
+    Monarch is preloaded: its runtime's threads do not survive a fork."""
     import torch.multiprocessing as mp
 
-    multiprocessing.set_forkserver_preload(["lockstep.actors.trainer"])
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed.fsdp", "torch.distributed.tensor",
+                                            "torchtitan.models"])
 
     def run(fn, args, nprocs):
         mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
