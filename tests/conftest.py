@@ -4,11 +4,6 @@ import time
 
 import pytest
 
-# A mesh's procs get this long to exit once it is stopped, then they are killed (Monarch's
-# default: 10 s). Their interpreter teardown (vLLM, torch) costs seconds of CPU that no test
-# looks at. Set before Monarch is imported; subprocesses and the procs inherit it.
-os.environ.setdefault("HYPERACTOR_PROCESS_EXIT_TIMEOUT", "1s")
-
 
 def _gone(pid: int, timeout_s: float = 20.0) -> bool:
     """True once process `pid` has exited (or is a zombie) within `timeout_s`."""
